@@ -1,0 +1,169 @@
+"""Gradient and Hessian diagonal of a model's mean loss w.r.t. one layer's weight.
+
+One shared driver: it walks the batches in order, sums per-batch results in
+float64, and divides by the number of examples. Engines differ only in how
+they produce one batch's sum of Hessian-diagonal entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.curvature.exact import ExactEngine
+from pipeline.curvature.factored import FactoredEngine
+from pipeline.curvature.problem import Problem
+from pipeline.curvature.stochastic import HutchinsonEngine
+from pipeline.curvature.suffix import check_suffix
+from pipeline.curvature.target import as_kernel, channel_slice, resolve_target
+from pipeline.errors import BadInputError, NonFiniteLossError
+from pipeline.losses import check_labels, get_loss
+
+ENGINES = ("auto", "exact", "factored", "hutchinson")
+EXACT_ENGINES = ("exact", "factored")
+
+
+class Derivatives(NamedTuple):
+    """dL/dW and diag d²L/dW², shaped like the weight (or its channel slice)."""
+
+    gradient: np.ndarray
+    hessian_diagonal: np.ndarray
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine that will run, and why."""
+
+    name: str
+    reason: str
+    exact: bool
+
+
+def choose_engine(requested: str, problem: Problem) -> EngineChoice:
+    """Resolve ``auto`` and refuse ``factored`` where it would not be exact."""
+    if requested not in ENGINES:
+        raise BadInputError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
+    check = check_suffix(problem.target, problem.loss)
+    if requested == "factored" and not check.piecewise_linear:
+        raise BadInputError(f"engine 'factored' would not be exact: {check.reason}; use 'exact' or 'auto'")
+    if requested == "auto":
+        name = "factored" if check.piecewise_linear else "exact"
+        return EngineChoice(name, f"auto: {check.reason}", exact=True)
+    if requested == "hutchinson":
+        return EngineChoice("hutchinson", "requested: stochastic estimate, not exact", exact=False)
+    return EngineChoice(requested, f"requested: {check.reason}", exact=True)
+
+
+def batches_of(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive batches; their order fixes the reduction order."""
+    if batch_size < 1:
+        raise BadInputError(f"batch_size must be positive, got {batch_size}")
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+class LayerCurvature:
+    """Compiled per-layer derivatives of one model, reusable across channel shards.
+
+    Holds the traced TensorFlow functions for the lifetime of a worker, so each
+    shard pays only for its own computation.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: str,
+        *,
+        loss: str,
+        from_logits: bool = False,
+        weight: str = "kernel",
+        engine: str = "exact",
+        chunk_size: int = 128,
+        column_chunk: int = 16,
+        probes: int = 64,
+        seed: int = 0,
+    ):
+        self.target = resolve_target(model, layer, weight)
+        self.loss = get_loss(loss, from_logits)
+        self.problem = Problem(self.target, self.loss)
+        self.choice = choose_engine(engine, self.problem)
+        if self.choice.name == "exact":
+            self.engine = ExactEngine(self.problem, chunk_size)
+        elif self.choice.name == "factored":
+            self.engine = FactoredEngine(self.problem, check_suffix(self.target, self.loss).peel_softmax, column_chunk)
+        else:
+            self.engine = HutchinsonEngine(self.problem, probes=probes, seed=seed)
+        self._gradient = tf.function(lambda x, y, start, stop: self.problem.batch_gradient(x, y, slice(start, stop)))
+        self.stderr: np.ndarray | None = None
+
+    def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
+        model = self.target.model
+        expected = tuple(model.inputs[0].shape[1:])
+        if tuple(np.shape(x)[1:]) != expected:
+            raise BadInputError(f"inputs have shape {np.shape(x)[1:]} per example; model {model.name!r} expects {expected}")
+        check_labels(self.loss, y, tuple(model.outputs[0].shape), len(x))
+
+    def compute(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], out_channels: slice | None = None) -> Derivatives:
+        """Derivatives of the mean loss over all ``batches`` for ``out_channels``."""
+        channels = channel_slice(self.target, out_channels)
+        examples = sum(len(x) for x, _ in batches)
+        if examples == 0:
+            raise BadInputError("the data set is empty")
+        grad = self._sum(self._batch_gradient(x, y, channels) for x, y in batches)
+        if self.choice.name == "hutchinson":
+            diag, stderr = self.engine.diagonal_sum(batches, channels)
+            self.stderr = as_kernel(stderr / examples, self.target, channels)
+        else:
+            diag = self._sum(self.engine.batch_diagonal(x, y, channels) for x, y in batches)
+        if not np.all(np.isfinite(diag)):
+            raise NonFiniteLossError(f"the Hessian diagonal of layer {self.target.layer.name!r} is not finite")
+        return Derivatives(
+            gradient=as_kernel(grad / examples, self.target, channels),
+            hessian_diagonal=as_kernel(diag / examples, self.target, channels),
+        )
+
+    def _batch_gradient(self, x, y, channels: slice) -> tf.Tensor:
+        grad, total = self._gradient(x, y, tf.constant(channels.start), tf.constant(channels.stop))
+        if not np.isfinite(float(total)):
+            raise NonFiniteLossError(
+                f"the loss is {float(total)} on a batch of {len(x)} examples; check the inputs, labels and weights"
+            )
+        return grad
+
+    @staticmethod
+    def _sum(parts: Iterable[tf.Tensor]) -> np.ndarray:
+        total = None
+        for part in parts:
+            value = np.asarray(part, dtype=np.float64)
+            total = value if total is None else total + value
+        return total
+
+
+def layer_derivatives(
+    model: keras.Model,
+    layer: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    loss: str,
+    from_logits: bool = False,
+    weight: str = "kernel",
+    out_channels: slice | None = None,
+    engine: str = "exact",
+    batch_size: int = 32,
+    **engine_options,
+) -> Derivatives:
+    """Gradient and Hessian diagonal of the mean per-example loss w.r.t. ``layer``'s weight.
+
+    The model runs in inference mode. ``engine`` is ``exact`` (any differentiable
+    suffix), ``factored`` (exact, piecewise-linear suffixes only; refused
+    otherwise), ``auto`` (factored where exact, else exact) or ``hutchinson``
+    (a stochastic estimate). Results are float64 NumPy arrays shaped like the
+    weight, or like its slice ``[..., out_channels]``.
+    """
+    curvature = LayerCurvature(model, layer, loss=loss, from_logits=from_logits, weight=weight, engine=engine, **engine_options)
+    curvature.check_data(x, y)
+    return curvature.compute(batches_of(np.asarray(x), np.asarray(y), batch_size), out_channels)

@@ -1,0 +1,83 @@
+"""A loss of a model as a function of the target layer's pre-activation z.
+
+Every engine works in z-space: the loss gradient w.r.t. W is a contraction of
+the layer's input patches with dL/dz, and its Hessian is J_zᵀ H_z J_z because z
+is linear in W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+from pipeline.curvature.target import Target
+from pipeline.losses import Loss
+
+
+def output_layer(model: keras.Model) -> keras.layers.Layer:
+    """The layer that produces the model's (single) output."""
+    if len(model.outputs) != 1:
+        raise ValueError(f"model {model.name!r} has {len(model.outputs)} outputs; exactly one is supported")
+    return model.outputs[0]._keras_history.operation
+
+
+def final_softmax(model: keras.Model) -> keras.layers.Layer | None:
+    """The output layer if it ends in a softmax, else None."""
+    layer = output_layer(model)
+    if isinstance(layer, keras.layers.Softmax):
+        return layer
+    activation = getattr(layer, "activation", None)
+    if activation is not None and getattr(activation, "__name__", "") == "softmax":
+        return layer
+    return None
+
+
+@contextlib.contextmanager
+def logits_output(model: keras.Model) -> keras.layers.Layer:
+    """Within the block the model returns the logits its final softmax would normalize."""
+    layer = final_softmax(model)
+    if layer is None:
+        raise ValueError(f"model {model.name!r} does not end in a softmax")
+    if isinstance(layer, keras.layers.Softmax):
+        layer.call = lambda inputs, *args, **kwargs: inputs
+        try:
+            yield layer
+        finally:
+            del layer.call
+        return
+    saved = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        yield layer
+    finally:
+        layer.activation = saved
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Mean per-example ``loss`` of ``target.model`` seen as a function of z."""
+
+    target: Target
+    loss: Loss
+
+    def outputs(self, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+        """Model output with the target layer's z replaced by z + delta."""
+        with self.target.perturbed(lambda z: delta):
+            return self.target.model(x, training=False)
+
+    def loss_sum(self, x: tf.Tensor, y: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(self.loss.per_example(self.outputs(x, delta), y))
+
+    def batch_gradient(self, x, y, channels: slice) -> tuple[tf.Tensor, tf.Tensor]:
+        """(sum over the batch of dl/dW[:, channels] as (P, O), sum of losses)."""
+        a = self.target.layer_input(x)
+        delta = tf.zeros_like(self.target.pre_activation(a))
+        with tf.GradientTape() as tape:
+            tape.watch(delta)
+            total = self.loss_sum(x, y, delta)
+        dz = self.target.flat_output(tape.gradient(total, delta))[:, :, channels]
+        patches = self.target.patches(a)
+        return tf.einsum("nsp,nso->po", patches, dz), total

@@ -1,0 +1,101 @@
+"""Per-example losses and the factors S of their Hessians (H = S Sᵀ).
+
+The factors are what makes the factored engine exact: the loss Hessian with
+respect to the model output is S Sᵀ per example, so back-propagating the
+columns of S gives the Gauss-Newton term, which is the whole Hessian when the
+suffix is piecewise linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import BadInputError
+
+LOSS_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse")
+
+
+def _sparse_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
+    return tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), classes)
+
+
+def _flatten(t: tf.Tensor) -> tf.Tensor:
+    return tf.reshape(t, (tf.shape(t)[0], -1))
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A per-example loss ``l(output, y) -> (N,)`` and its Hessian factor."""
+
+    name: str
+    from_logits: bool
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        return self.name != "mse"
+
+    def targets(self, y: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
+        """Labels as dense targets with the output's flattened shape."""
+        classes = int(output.shape[-1])
+        if self.name == "sparse_categorical_crossentropy":
+            return tf.cast(_sparse_labels(y, classes), output.dtype)
+        return tf.cast(_flatten(y), output.dtype)
+
+    def per_example(self, output: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Loss of each example, shape (N,)."""
+        output = _flatten(output)
+        targets = self.targets(y, output)
+        if self.name == "mse":
+            return tf.reduce_mean(tf.square(output - targets), axis=1)
+        log_probs = tf.nn.log_softmax(output) if self.from_logits else tf.math.log(output)
+        return -tf.reduce_sum(targets * log_probs, axis=1)
+
+    def hessian_factor(self, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """S with S Sᵀ = d²l/d(logits)², shape (N, C, C).
+
+        For cross-entropy the argument must be logits (the engine peels a final
+        softmax first); for MSE it is the model output.
+        """
+        logits = _flatten(logits)
+        classes = int(logits.shape[-1])
+        if self.name == "mse":
+            scale = tf.sqrt(tf.constant(2.0 / classes, logits.dtype))
+            return scale * tf.eye(classes, batch_shape=[tf.shape(logits)[0]], dtype=logits.dtype)
+        probs = tf.nn.softmax(logits)
+        label_mass = tf.reduce_sum(self.targets(y, logits), axis=1)[:, None, None]
+        root = tf.sqrt(probs)
+        factor = tf.linalg.diag(root) - probs[:, :, None] * root[:, None, :]
+        return tf.sqrt(label_mass) * factor
+
+
+def get_loss(name: str, from_logits: bool = False) -> Loss:
+    """The loss called ``name``; raises BadInputError listing the valid names."""
+    if name not in LOSS_NAMES:
+        raise BadInputError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    return Loss(name=name, from_logits=bool(from_logits))
+
+
+def check_labels(loss: Loss, y: np.ndarray, output_shape: tuple, examples: int) -> None:
+    """Raise BadInputError when labels cannot pair with outputs of ``output_shape``."""
+    if len(y) != examples:
+        raise BadInputError(f"labels have {len(y)} rows but inputs have {examples} examples")
+    classes = int(np.prod(output_shape[1:]))
+    if loss.name == "sparse_categorical_crossentropy":
+        flat = np.asarray(y).reshape(len(y), -1)
+        if flat.shape[1] != 1:
+            raise BadInputError(
+                f"sparse_categorical_crossentropy needs integer class labels of shape (N,), got {np.shape(y)};"
+                " use categorical_crossentropy for one-hot labels"
+            )
+        if flat.size and (flat.min() < 0 or flat.max() >= classes):
+            raise BadInputError(f"class labels must lie in [0, {classes}), got range [{flat.min()}, {flat.max()}]")
+        return
+    label_size = int(np.prod(np.shape(y)[1:]))
+    if label_size != classes:
+        raise BadInputError(
+            f"{loss.name} needs labels with {classes} values per example to match the model output"
+            f" {tuple(output_shape[1:])}, got labels of shape {np.shape(y)}"
+        )
+

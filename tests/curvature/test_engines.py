@@ -1,0 +1,69 @@
+"""Engine choice, refusal of inexact engines, and the Hutchinson estimator's convergence."""
+
+import numpy as np
+import pytest
+
+from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
+from pipeline.errors import BadInputError
+from tests.curvature.cases import CASE_IDS, CASES, brute_force
+
+
+def _case(name):
+    return CASES[CASE_IDS.index(name)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_auto_picks_factored_exactly_when_suffix_is_piecewise_linear(case):
+    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=case.from_logits, engine="auto")
+    assert curvature.choice.name == ("factored" if case.piecewise_linear else "exact")
+    assert curvature.choice.exact
+    assert curvature.choice.reason.startswith("auto: ")
+    if not case.piecewise_linear:
+        assert "not piecewise linear" in curvature.choice.reason
+
+
+def test_factored_on_gelu_suffix_is_refused_naming_the_layer():
+    case = _case("cnn_gelu")
+    with pytest.raises(BadInputError, match=r"target \(own activation 'gelu'\)"):
+        LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=True, engine="factored")
+
+
+def test_factored_on_layernorm_suffix_names_the_layernorm():
+    case = _case("layernorm")
+    with pytest.raises(BadInputError, match=r"layer_normalization.*LayerNormalization"):
+        LayerCurvature(case.model(), case.layer, loss=case.loss, engine="factored")
+
+
+def test_cross_entropy_on_probabilities_without_softmax_is_not_piecewise_linear():
+    case = _case("cnn_maxpool_relu")
+    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=False, engine="auto")
+    assert curvature.choice.name == "exact"
+    assert "without a final softmax" in curvature.choice.reason
+
+
+def test_hutchinson_converges_like_one_over_sqrt_probes():
+    case = _case("mlp_tanh")
+    model = case.model()
+    x, y = case.data(n=8)
+    _, exact = brute_force(case, model, x, y)
+    errors = {}
+    for probes in (16, 256):
+        curvature = LayerCurvature(model, case.layer, loss=case.loss, engine="hutchinson", probes=probes, seed=3)
+        result = curvature.compute(batches_of(x, y, 4))
+        errors[probes] = np.sqrt(np.mean((result.hessian_diagonal - exact) ** 2))
+        assert curvature.stderr is not None and curvature.stderr.shape == exact.shape
+        # the reported standard error is an honest scale of the actual error
+        assert 0.2 < errors[probes] / np.sqrt(np.mean(curvature.stderr**2)) < 5
+    ratio = errors[16] / errors[256]  # 1/sqrt(probes) predicts 4
+    assert 2.0 < ratio < 8.0, errors
+
+
+def test_hutchinson_shard_equals_slice_of_full_estimate():
+    case = _case("cnn_gelu")
+    model = case.model()
+    x, y = case.data()
+    full = layer_derivatives(model, case.layer, x, y, loss=case.loss, from_logits=True, engine="hutchinson", probes=8)
+    part = layer_derivatives(
+        model, case.layer, x, y, loss=case.loss, from_logits=True, engine="hutchinson", probes=8, out_channels=slice(2, 4)
+    )
+    np.testing.assert_allclose(part.hessian_diagonal, full.hessian_diagonal[..., 2:4], rtol=1e-6, atol=1e-9)
