@@ -8,6 +8,7 @@ w.r.t. z (not W), vectorized over a chunk of entries.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
@@ -63,3 +64,14 @@ class ExactEngine:
         """Pad to the chunk size so every call reuses one traced graph."""
         missing = self.chunk_size - int(ids.shape[0])
         return tf.concat([ids, tf.zeros([missing], tf.int32)], axis=0) if missing else ids
+
+
+def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:
+    """Mean-loss Hessian-diagonal entries at multi-indices of W by the exact engine (a spot check)."""
+    shape = problem.target.shape
+    flat = np.array([np.ravel_multi_index(i[:-1], shape[:-1]) for i in indices], np.int32)
+    outs = np.array([i[-1] for i in indices], np.int32)
+    total = np.zeros(len(indices))
+    for x, y in batches:
+        total += entry_curvatures(problem, tf.constant(x), tf.constant(y), tf.constant(flat), tf.constant(outs)).numpy()
+    return total / sum(len(x) for x, _ in batches)

@@ -1,0 +1,185 @@
+"""Command line: hessdiag run | status | validate | report | submit. Parses and calls; no logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import BadInputError, HessdiagError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of one parameter tensor.")
+console = Console()
+SET_HELP = "override a config key, e.g. --set compute.shard_size=16 (repeatable)"
+OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'"
+
+
+def _storage_options(raw: Optional[str]) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadInputError("--storage-options must be a JSON object")
+    return value
+
+
+def _validation_table(validation: dict) -> Table:
+    table = Table(title="validation against float64 finite differences")
+    for column in ("samples", "max rel error (gradient)", "max rel error (diagonal)", "rtol", "passed"):
+        table.add_column(column)
+    table.add_row(
+        str(validation.get("samples")),
+        f"{validation.get('max_rel_error_gradient', float('nan')):.2e}",
+        f"{validation.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
+        f"{validation.get('rtol')}",
+        "[green]yes" if validation.get("passed") else "[red]NO",
+    )
+    return table
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="YAML config file"),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overwrite: bool = typer.Option(False, help="replace a store written for another config"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check inputs and print the plan; write nothing"),
+):
+    """Start or resume a run; exit 0 when complete and validated, 3 when validation failed, 2 on bad input."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config, set_)
+    if dry_run:
+        from pipeline.job import Job
+
+        job = Job.load(cfg)
+        plan = job.plan()
+        console.print(
+            f"plan: {job.model.name}/{cfg.target.layer} {plan.weight_shape} = {plan.entries:,} entries, "
+            f"{len(plan.shards)} shards of {plan.shard_size} channels ({plan.shard_result_bytes(plan.shards[0]) / 2**20:.1f} MiB of results each), "
+            f"{len(job.x)} examples in batches of {cfg.data.batch_size}, engine {job.curvature.choice.name}: {job.curvature.choice.reason}"
+        )
+        return
+    from pipeline.coordinator import run as run_config
+
+    result = run_config(cfg, overwrite=overwrite)
+    console.print(
+        f"result: {result.output}  engine: {result.engine}  shards computed: {len(result.computed)}, "
+        f"skipped (already done): {len(result.skipped)}, retries: {result.retries}, {result.seconds:.1f} s"
+    )
+    console.print(_validation_table(result.validation))
+    if not result.passed:
+        raise typer.Exit(3)
+
+
+@app.command()
+def status(
+    store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+):
+    """Shards done/total, missing or corrupt shards, timing, engine, validation state."""
+    from pipeline.status import store_status
+    from pipeline.store import ResultStore
+
+    info = store_status(ResultStore.open(store, _storage_options(storage_options), mode="r"))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    state = "complete" if info["complete"] else ("running" if info["running"] else "incomplete")
+    console.print(f"[bold]{info['store']}[/bold]: {state}, {info['shards_done']}/{info['shards_total']} shards done")
+    console.print(f"target {info['target']} {tuple(info['weight_shape'])}, engine {info['engine']} ({info['engine_reason']})")
+    if info["missing"] or info["corrupt"]:
+        console.print(f"missing shards: {info['missing']}  corrupt shards: {info['corrupt']}")
+    eta = f"{info['eta_seconds']:.0f} s" if info["eta_seconds"] is not None else "unknown"
+    console.print(f"compute time {info['compute_seconds']:.1f} s, elapsed {info['elapsed_seconds']:.1f} s, remaining ~{eta}")
+    validation = info["validation"]
+    if validation.get("samples"):
+        console.print(_validation_table(validation))
+    else:
+        console.print("validation: not run yet")
+
+
+@app.command()
+def validate(
+    store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
+    samples: Optional[int] = typer.Option(None, help="entries to check (default: the config's validation.samples)"),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+):
+    """Re-check an existing store: chunk checksums, then sampled finite differences. Exit 3 on failure."""
+    from pipeline.config import parse_config
+    from pipeline.job import Job
+    from pipeline.store import ResultStore
+    from pipeline.validate import validate_store
+
+    options = _storage_options(storage_options)
+    opened = ResultStore.open(store, options)
+    job = Job.load(parse_config({**opened.attrs["config"], "output": store, "storage_options": options}))
+    plan = job.plan()
+    _, corrupt, missing = opened.verify(plan)
+    if corrupt or missing:
+        console.print(f"[red]store is incomplete or corrupt[/red]: missing shards {[s.index for s in missing]}, corrupt shards {[s.index for s in corrupt]}; rerun `hessdiag run` to recompute them")
+        raise typer.Exit(3)
+    result = validate_store(job, opened, plan, job.config.validation, samples)
+    opened.update_attrs(validation=result)
+    console.print(_validation_table(result))
+    if not result["passed"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+def report(
+    store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
+    out: str = typer.Option("report", help="directory for the PNG plots and report.md"),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+):
+    """Plots (PNG) and a Markdown summary of a store."""
+    from pipeline.report import write_report
+    from pipeline.store import ResultStore
+
+    files = write_report(ResultStore.open(store, _storage_options(storage_options), mode="r"), out)
+    for path in files:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def submit(
+    config: str = typer.Argument(..., help="YAML config file"),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    follow: bool = typer.Option(False, help="stream the job's logs and exit with its status"),
+):
+    """Submit `hessdiag run CONFIG` as a Ray job that ships this project and the config."""
+    from pipeline.submit import submit_job
+
+    code = submit_job(config, address, set_, follow, print_=console.print)
+    if code:
+        raise typer.Exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except HessdiagError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except Exception:  # noqa: BLE001 - anything unexpected: show it, exit 1
+        traceback.print_exc()
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,199 @@
+"""YAML config -> validated, frozen config, with dotted ``--set`` overrides.
+
+Errors name the YAML path, the bad value, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import BadInputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which model to differentiate."""
+
+    source: Literal["builder", "keras_file"] = Field("builder", description="`builder`: a built-in model; `keras_file`: a saved `.keras` file")
+    builder: Optional[str] = Field("digits_vgg", description="built-in model name: digits_vgg, cifar_vgg, vgg16, mlp_tanh")
+    path: Optional[str] = Field(None, description="the `.keras` file when source is `keras_file`")
+    weights: Optional[str] = Field(None, description="optional weights file loaded into a built-in model")
+    seed: int = Field(0, description="seed of a built-in model's random weights")
+    custom_objects: list[str] = Field(default_factory=list, description="custom Keras objects as `module:Name`, for `keras_file`")
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "keras_file" and not self.path:
+            raise ValueError("model.path is required when model.source is 'keras_file'")
+        if self.source == "builder" and not self.builder:
+            raise ValueError("model.builder is required when model.source is 'builder'")
+        return self
+
+
+class TargetConfig(_Section):
+    """The parameter tensor W."""
+
+    layer: str = Field(..., description="Keras layer name, e.g. `block4_conv3`")
+    weight: str = Field("kernel", description="which weight of the layer")
+
+
+class DataConfig(_Section):
+    """The data set the loss is averaged over."""
+
+    source: Literal["synthetic", "npz", "digits"] = Field("digits", description="`synthetic` (seeded normal inputs), `npz` (arrays `x`, `y`) or `digits` (scikit-learn's 8x8 digits)")
+    path: Optional[str] = Field(None, description="the `.npz` file when source is `npz`")
+    batch_size: int = Field(64, gt=0, description="examples per batch; batches are reduced in order")
+    num_examples: Optional[int] = Field(None, gt=0, description="use the first N examples (synthetic: how many to draw); all when null")
+    seed: int = Field(0, description="seed of synthetic data")
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "npz" and not self.path:
+            raise ValueError("data.path is required when data.source is 'npz'")
+        return self
+
+
+class LossConfig(_Section):
+    """Per-example loss; L is its mean over the data set."""
+
+    name: Literal["sparse_categorical_crossentropy", "categorical_crossentropy", "mse"] = Field("sparse_categorical_crossentropy", description="loss function")
+    from_logits: bool = Field(False, description="model outputs are logits (true) or probabilities (false)")
+
+
+class ComputeConfig(_Section):
+    """How the diagonal is computed."""
+
+    engine: Literal["auto", "exact", "factored", "hutchinson"] = Field("auto", description="`auto` picks `factored` when exact for this model, else `exact`")
+    shard_size: int = Field(8, gt=0, description="output channels per shard (= Zarr chunk along the last axis)")
+    chunk_size: int = Field(128, gt=0, description="exact engine: entries vectorized per call (memory bound)")
+    column_chunk: int = Field(16, gt=0, description="factored engine: loss-Hessian factor columns per call (memory bound)")
+    probes: int = Field(64, gt=1, description="hutchinson: number of Rademacher probes")
+    seed: int = Field(0, description="hutchinson: probe seed")
+
+
+class ClusterConfig(_Section):
+    """Where the shards run."""
+
+    address: Optional[str] = Field(None, description="Ray address; null starts a local Ray, `auto` joins the running cluster")
+    num_workers: Union[int, Literal["auto"]] = Field(2, description="actors; `auto` = GPUs in the cluster, else CPU slots")
+    gpus_per_worker: Union[float, Literal["auto"]] = Field("auto", description="GPUs per actor; `auto` = 1 when the cluster has GPUs, else 0")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs per actor; TensorFlow's thread pools get this many threads")
+    max_retries: int = Field(3, ge=0, description="retries of a shard whose actor or node died")
+    executor: Literal["ray", "local"] = Field("ray", description="`local` runs shards in this process (no Ray)")
+
+    @model_validator(mode="after")
+    def _positive_workers(self):
+        if isinstance(self.num_workers, int) and self.num_workers < 1:
+            raise ValueError("cluster.num_workers must be at least 1 or 'auto'")
+        return self
+
+
+class ValidationConfig(_Section):
+    """Finite-difference check of sampled entries."""
+
+    samples: int = Field(16, ge=0, description="sampled entries (at least one per shard when samples >= shards)")
+    rtol: float = Field(1e-3, gt=0, description="pass when |autodiff - fd| <= rtol * |fd| + atol")
+    atol: float = Field(1e-7, ge=0, description="absolute tolerance floor")
+    step: float = Field(1e-5, gt=0, description="central-difference step h")
+    seed: int = Field(0, description="seed of the sampled indices")
+
+
+class Config(_Section):
+    """A hessdiag run."""
+
+    output: str = Field(..., description="path or fsspec URL (`s3://`, `gs://`, `file://`) of the Zarr store")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `output` (e.g. `endpoint_url`); secrets belong in the environment")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    target: TargetConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that changes the numbers (not where or how they run)."""
+        relevant = self.model_dump(include={"model", "target", "data", "loss", "compute"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _section_fields(path: tuple) -> list[str]:
+    node: type[BaseModel] = Config
+    for part in path:
+        field = node.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return list(node.model_fields)
+        node = annotation
+    return list(node.model_fields)
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        valid = _section_fields(error["loc"][:-1])
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{location}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{location}: required key is missing"
+    return f"{location}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_config(raw: Any, origin: str = "config") -> Config:
+    """Validate a parsed YAML mapping; raise BadInputError listing every problem."""
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise BadInputError(f"{origin} is not a valid config:\n  {problems}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--set {item!r}: expected dotted.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise BadInputError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise BadInputError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"{path} is not valid YAML: {exc}") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override and validate a YAML config file."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return parse_config(raw, origin=str(path))

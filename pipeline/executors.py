@@ -1,0 +1,141 @@
+"""Executors run shards: in this process, or on a pool of Ray actors.
+
+Both take the shards to run and two callbacks; a test parametrized over both
+checks that they produce bit-identical stores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections import deque
+from typing import Callable
+
+from pipeline.config import Config
+from pipeline.errors import HessdiagError
+from pipeline.plan import Shard
+from pipeline.worker import ShardWorker
+
+OnDone = Callable[[Shard, dict], None]
+OnRetry = Callable[[Shard, str, int], None]
+
+
+class LocalExecutor:
+    """Runs shards one after another in this process."""
+
+    def __init__(self, config: Config, log: Callable[[str], None]):
+        self.worker = ShardWorker(config, threads=config.cluster.cpus_per_worker)
+        self.identities = [self.worker.identity()]
+        log("executor: local (this process)")
+
+    def execute(self, shards: list[Shard], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
+        for shard in shards:
+            on_done(shard, self.worker.run_shard(shard))
+            heartbeat()
+
+    def close(self) -> None:
+        pass
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+class RayExecutor:
+    """A dynamic queue over Ray actors: a free actor takes the next shard; dead actors are replaced."""
+
+    def __init__(self, config: Config, log: Callable[[str], None], run_id: str | None = None):
+        import ray
+
+        self.config = config
+        self.log = log
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=config.cluster.address, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        cluster = config.cluster
+        gpus = cluster_gpus()
+        self.gpus_per_worker = (1.0 if gpus else 0.0) if cluster.gpus_per_worker == "auto" else float(cluster.gpus_per_worker)
+        if cluster.num_workers == "auto":
+            slots = gpus / self.gpus_per_worker if self.gpus_per_worker else ray.cluster_resources().get("CPU", 1) / cluster.cpus_per_worker
+            self.num_workers = max(1, int(slots))
+        else:
+            self.num_workers = cluster.num_workers
+        self._generation = itertools.count()
+        self._config_json = config.model_dump(mode="json")
+        self.actors = [self._start_actor(slot) for slot in range(self.num_workers)]
+        self.identities = ray.get([actor.identity.remote() for actor in self.actors])
+        hosts = sorted({i["host"] for i in self.identities})
+        log(
+            f"executor: ray, {self.num_workers} actors x ({cluster.cpus_per_worker} CPU, {self.gpus_per_worker:g} GPU)"
+            f" on {len(hosts)} node(s): " + ", ".join(f"{i['host']}:{i['pid']}{' ' + ','.join(i['gpus']) if i['gpus'] else ''}" for i in self.identities)
+        )
+
+    def _start_actor(self, slot: int):
+        import ray
+
+        actor_class = ray.remote(ShardWorker)
+        return actor_class.options(
+            name=f"hessdiag-{self.run_id}-worker{slot}-{next(self._generation)}",
+            num_cpus=self.config.cluster.cpus_per_worker,
+            num_gpus=self.gpus_per_worker,
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+            runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}},
+        ).remote(self._config_json, self.config.cluster.cpus_per_worker)
+
+    def execute(self, shards: list[Shard], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = deque((shard, 0) for shard in shards)
+        pending: dict = {}
+        idle = list(range(self.num_workers))
+
+        def submit():
+            while idle and queue:
+                slot = idle.pop()
+                shard, attempt = queue.popleft()
+                pending[self.actors[slot].run_shard.remote(shard)] = (slot, shard, attempt)
+
+        submit()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+            heartbeat()
+            if not ready:
+                continue
+            ref = ready[0]
+            slot, shard, attempt = pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except (RayActorError, RayTaskError, ray.exceptions.ObjectLostError) as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if attempt >= self.config.cluster.max_retries:
+                    raise HessdiagError(f"{shard.name} failed {attempt + 1} times; last error: {reason}") from exc
+                on_retry(shard, reason, attempt + 1)
+                queue.appendleft((shard, attempt + 1))
+                if isinstance(exc, RayActorError):
+                    self.actors[slot] = self._start_actor(slot)
+                idle.append(slot)
+                submit()
+                continue
+            on_done(shard, record)
+            idle.append(slot)
+            submit()
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        if self._owns_ray:
+            ray.shutdown()
+
+
+def make_executor(config: Config, log: Callable[[str], None], run_id: str | None = None):
+    if config.cluster.executor == "local":
+        return LocalExecutor(config, log)
+    return RayExecutor(config, log, run_id)

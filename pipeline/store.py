@@ -1,0 +1,241 @@
+"""The Zarr v3 store: result arrays, attributes, per-shard manifest, and the run lock.
+
+Layout (readable by ``zarr.open_group`` and ``xarray.open_zarr``):
+
+    gradient, hessian_diagonal   float64 arrays shaped like W, one chunk per shard
+    manifest/shard-NNNNN         one group per finished shard; attrs hold its checksum
+    lock                         a group whose attrs name the coordinator running now
+
+A shard is done only when its manifest entry exists and the stored chunk's
+checksum still matches it, so a crash between writing and recording loses
+nothing but that shard, and a corrupted or deleted chunk is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import BadInputError
+from pipeline.plan import Plan, Shard
+
+ARRAYS = ("gradient", "hessian_diagonal")
+CONV_DIMS = ("kh", "kw", "in_channel", "out_channel")
+DENSE_DIMS = ("in_feature", "out_channel")
+LOCK_STALE_SECONDS = 90.0
+
+
+def dimension_names(rank: int) -> tuple[str, ...]:
+    if rank == 4:
+        return CONV_DIMS
+    if rank == 2:
+        return DENSE_DIMS
+    return tuple(f"axis{i}" for i in range(rank - 1)) + ("out_channel",)
+
+
+def shard_checksum(gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:
+    """sha256 of a shard's float64 values in C order."""
+    digest = hashlib.sha256()
+    for array in (gradient, hessian_diagonal):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def check_writable(url: str, storage_options: dict) -> None:
+    """Raise BadInputError when ``url`` cannot be written, without writing anything locally."""
+    if is_remote(url):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        probe = f"{path.rstrip('/')}/.hessdiag-write-probe-{uuid.uuid4().hex}"
+        try:
+            fs.pipe(probe, b"")
+            fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
+            raise BadInputError(f"output {url!r} is not writable: {exc}") from None
+        return
+    path = os.path.abspath(_local_path(url))
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BadInputError(f"output {url!r} is not writable: {ancestor!r} is not a writable directory")
+
+
+class ResultStore:
+    """An open hessdiag Zarr store."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group
+        self.url = url
+
+    # opening -----------------------------------------------------------------
+    @staticmethod
+    def _open(url: str, storage_options: dict, mode: str) -> zarr.Group:
+        options = {"storage_options": storage_options} if is_remote(url) else {}
+        return zarr.open_group(_local_path(url), mode=mode, zarr_format=3, **options)
+
+    @classmethod
+    def exists(cls, url: str, storage_options: dict | None = None) -> bool:
+        try:
+            cls._open(url, storage_options or {}, "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+            return False
+        return True
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+") -> "ResultStore":
+        try:
+            group = cls._open(url, storage_options or {}, mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise BadInputError(f"no hessdiag store at {url!r}") from exc
+        if "config_fingerprint" not in group.attrs:
+            raise BadInputError(f"{url!r} is a Zarr group but not a hessdiag store")
+        return cls(group, url)
+
+    @classmethod
+    def create(cls, url: str, storage_options: dict, plan: Plan, attrs: dict[str, Any]) -> "ResultStore":
+        """A new, empty store (replacing whatever is at ``url``)."""
+        group = cls._open(url, storage_options, "w")
+        chunks = plan.weight_shape[:-1] + (plan.shard_size,)
+        for name in ARRAYS:
+            group.create_array(
+                name,
+                shape=plan.weight_shape,
+                chunks=chunks,
+                dtype="float64",
+                fill_value=np.nan,
+                dimension_names=dimension_names(len(plan.weight_shape)),
+                attributes={"long_name": name.replace("_", " "), "units": "loss / weight" if name == "gradient" else "loss / weight^2"},
+            )
+        group.require_group("manifest")
+        group.attrs.update({"complete": False, **attrs})
+        return cls(group, url)
+
+    # attributes --------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(values)
+
+    # shards ------------------------------------------------------------------
+    def write_shard(self, shard: Shard, gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:
+        """Write a shard's chunks, read them back, and return their verified checksum."""
+        expected = shard_checksum(gradient, hessian_diagonal)
+        self.group["gradient"][..., shard.channels] = gradient
+        self.group["hessian_diagonal"][..., shard.channels] = hessian_diagonal
+        stored = self.stored_checksum(shard)
+        if stored != expected:
+            raise OSError(f"{shard.name}: chunks read back differ from what was written ({stored} != {expected})")
+        return expected
+
+    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(np.asarray(self.group[name][..., shard.channels]) for name in ARRAYS)
+
+    def stored_checksum(self, shard: Shard) -> str:
+        return shard_checksum(*self.read_shard(shard))
+
+    def record_done(self, shard: Shard, checksum: str, **info: Any) -> None:
+        """Mark a shard done; call only after ``write_shard`` returned ``checksum``."""
+        manifest = self.group.require_group("manifest")
+        entry = {"index": shard.index, "start": shard.start, "stop": shard.stop, "checksum": checksum, **info}
+        manifest.create_group(shard.name, overwrite=True, attributes=entry)
+
+    def manifest(self) -> dict[int, dict[str, Any]]:
+        """Recorded shards by index (not yet verified against the chunks)."""
+        manifest = self.group.require_group("manifest")
+        entries = (dict(group.attrs) for _, group in manifest.groups())
+        return {entry["index"]: entry for entry in entries if "checksum" in entry}
+
+    def verify(self, plan: Plan) -> tuple[list[Shard], list[Shard], list[Shard]]:
+        """(done, corrupt, missing) shards: corrupt ones have a manifest entry whose checksum no longer matches."""
+        recorded = self.manifest()
+        done, corrupt, missing = [], [], []
+        for shard in plan.shards:
+            entry = recorded.get(shard.index)
+            if entry is None:
+                missing.append(shard)
+            elif self.stored_checksum(shard) == entry["checksum"]:
+                done.append(shard)
+            else:
+                corrupt.append(shard)
+        return done, corrupt, missing
+
+    def forget(self, shard: Shard) -> None:
+        """Drop a shard's manifest entry so it is recomputed."""
+        manifest = self.group.require_group("manifest")
+        if shard.name in manifest:
+            del manifest[shard.name]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(np.asarray(self.group[name][...]) for name in ARRAYS)
+
+    def values_at(self, indices: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+        gradient, diagonal = self.group["gradient"], self.group["hessian_diagonal"]
+        return np.array([gradient[i] for i in indices]), np.array([diagonal[i] for i in indices])
+
+    # lock --------------------------------------------------------------------
+    def lock_info(self) -> dict[str, Any] | None:
+        if "lock" not in self.group:
+            return None
+        info = dict(self.group["lock"].attrs)
+        return info or None
+
+    def acquire_lock(self) -> str:
+        """Take the coordinator lock, recovering a stale one; raise BadInputError if it is held."""
+        info = self.lock_info()
+        if info and not lock_is_stale(info):
+            raise BadInputError(
+                f"store {self.url!r} is being written by another coordinator (pid {info['pid']} on {info['host']},"
+                f" last heartbeat {time.time() - info['heartbeat']:.0f} s ago); a lock without heartbeat for"
+                f" {LOCK_STALE_SECONDS:.0f} s is taken over automatically"
+            )
+        token = uuid.uuid4().hex
+        now = time.time()
+        self.group.require_group("lock").attrs.put(
+            {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
+        )
+        if (self.lock_info() or {}).get("token") != token:
+            raise BadInputError(f"store {self.url!r}: another coordinator took the lock at the same time")
+        return token
+
+    def heartbeat(self, token: str) -> None:
+        info = self.lock_info()
+        if info and info.get("token") == token:
+            self.group["lock"].attrs.update({"heartbeat": time.time()})
+
+    def release_lock(self, token: str) -> None:
+        info = self.lock_info()
+        if info and info.get("token") == token:
+            del self.group["lock"]
+
+
+def lock_is_stale(info: dict[str, Any]) -> bool:
+    """A lock is stale when its owner on this host is gone, or its heartbeat is too old."""
+    if time.time() - float(info.get("heartbeat", 0)) > LOCK_STALE_SECONDS:
+        return True
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False

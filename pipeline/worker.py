@@ -1,0 +1,81 @@
+"""A shard worker: loads the model and data once, then computes and writes shards.
+
+The same class runs in-process (the local executor) and as a Ray actor, one
+per GPU when there are GPUs. Every worker uses the same TensorFlow thread
+settings and deterministic ops, so a shard's bits do not depend on which
+worker, or how many, computed it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+
+from pipeline.config import Config, parse_config
+from pipeline.plan import Shard
+from pipeline.store import ResultStore
+
+
+def configure_tensorflow(threads: int) -> list[str]:
+    """Thread pools, deterministic ops and GPU memory growth; returns visible GPU names."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already initialized in this process (the local executor): keep its pools
+    tf.config.experimental.enable_op_determinism()
+    return [gpu.name for gpu in gpus]
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak resident memory of this process, and of the GPU when one is used."""
+    peaks = {"host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        peaks["gpu_peak_bytes"] = int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+    return peaks
+
+
+class ShardWorker:
+    """Holds one model and data set for its lifetime; computes shards on request."""
+
+    def __init__(self, config: Config | dict, threads: int = 1):
+        self.gpus = configure_tensorflow(threads)
+        from pipeline.job import Job
+
+        self.config = config if isinstance(config, Config) else parse_config(config)
+        self.job = Job.load(self.config)
+        self.store = ResultStore.open(self.config.output, self.config.storage_options)
+
+    def identity(self) -> dict:
+        """Where this worker runs and which model it holds."""
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpus": self.gpus,
+            "model_fingerprint": self.job.fingerprint(),
+        }
+
+    def run_shard(self, shard: Shard) -> dict:
+        """Compute a shard, write its chunks, and return the verified checksum with timings."""
+        started = time.perf_counter()
+        result = self.job.compute(shard)
+        checksum = self.store.write_shard(shard, result.gradient, result.hessian_diagonal)
+        record = {
+            "checksum": checksum,
+            "seconds": time.perf_counter() - started,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **peak_memory_bytes(),
+        }
+        if self.job.curvature.stderr is not None:
+            record["max_stderr"] = float(self.job.curvature.stderr.max())
+        return record
