@@ -15,7 +15,7 @@ from rich.table import Table
 from pipeline.errors import BadInputError, HessdiagError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of one parameter tensor.")
-console = Console()
+console = Console(soft_wrap=True)
 SET_HELP = "override a config key, e.g. --set compute.shard_size=16 (repeatable)"
 OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'"
 
@@ -64,7 +64,7 @@ def run(
         plan = job.plan()
         console.print(
             f"plan: {job.model.name}/{cfg.target.layer} {plan.weight_shape} = {plan.entries:,} entries, "
-            f"{len(plan.shards)} shards of {plan.shard_size} channels ({plan.shard_result_bytes(plan.shards[0]) / 2**20:.1f} MiB of results each), "
+            f"{len(plan.shards)} shards of {plan.shard_size} channels ({plan.shard_result_bytes(plan.shards[0]) / 2**20:.2f} MiB of results each), "
             f"{len(job.x)} examples in batches of {cfg.data.batch_size}, engine {job.curvature.choice.name}: {job.curvature.choice.reason}"
         )
         return
@@ -168,9 +168,9 @@ def submit(
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except HessdiagError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -182,4 +182,4 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception:  # noqa: BLE001 - anything unexpected: show it, exit 1
         traceback.print_exc()
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

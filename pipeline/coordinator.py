@@ -20,6 +20,7 @@ from pipeline.plan import Plan
 from pipeline.progress import RunProgress
 from pipeline.store import ResultStore, check_writable
 from pipeline.validate import validate_store
+from pipeline.worker import configure_tensorflow
 
 
 @dataclass
@@ -101,6 +102,8 @@ def run(config: Config, *, overwrite: bool = False, live: bool | None = None, lo
     """Start or resume the run described by ``config``; returns after validation."""
     started = time.time()
     check_writable(config.output, config.storage_options)
+    if config.cluster.executor == "local":
+        configure_tensorflow(config.cluster.cpus_per_worker)  # the same settings as a Ray worker, before TF starts
     job = Job.load(config)
     loss_value = job.mean_loss()
     plan = job.plan()

@@ -152,6 +152,13 @@ class ResultStore:
     def stored_checksum(self, shard: Shard) -> str:
         return shard_checksum(*self.read_shard(shard))
 
+    def _readable_checksum(self, shard: Shard) -> str | None:
+        """The stored checksum, or None when the chunks cannot even be decoded."""
+        try:
+            return self.stored_checksum(shard)
+        except Exception:  # noqa: BLE001 - any decode/IO failure means the chunk is corrupt
+            return None
+
     def record_done(self, shard: Shard, checksum: str, **info: Any) -> None:
         """Mark a shard done; call only after ``write_shard`` returned ``checksum``."""
         manifest = self.group.require_group("manifest")
@@ -172,7 +179,7 @@ class ResultStore:
             entry = recorded.get(shard.index)
             if entry is None:
                 missing.append(shard)
-            elif self.stored_checksum(shard) == entry["checksum"]:
+            elif self._readable_checksum(shard) == entry["checksum"]:
                 done.append(shard)
             else:
                 corrupt.append(shard)

@@ -1,0 +1,125 @@
+"""The command line: bad input exits 2 with a clear message and writes nothing."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.coordinator import run
+from tests.conftest import tiny_config, tiny_raw, write_config
+
+
+def call(*args):
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
+
+
+def snapshot(root):
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            files[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("done") / "s.zarr"
+    run(tiny_config(path, compute={"shard_size": 32}, cluster={"executor": "local"}, validation={"samples": 2}), live=False)
+    return path
+
+
+def _bad(tmp_path, capsys, raw_or_text, *extra):
+    config = tmp_path / "c.yaml"
+    if isinstance(raw_or_text, str):
+        config.write_text(raw_or_text)
+    else:
+        write_config(config, raw_or_text)
+    code = call("run", str(config), *extra)
+    return code, capsys.readouterr().err
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    code, err = _bad(tmp_path, capsys, "output: [x\ntarget: {layer: a}\n")
+    assert code == 2 and "is not valid YAML" in err
+
+
+def test_unknown_key(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "s.zarr")
+    raw["data"]["batchsize"] = 3
+    code, err = _bad(tmp_path, capsys, raw)
+    assert code == 2 and "data.batchsize: unknown key; did you mean 'batch_size'?" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_wrong_type(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "s.zarr", compute={"shard_size": "wide"})
+    code, err = _bad(tmp_path, capsys, raw)
+    assert code == 2 and "compute.shard_size" in err and "'wide'" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_bad_override(tmp_path, capsys):
+    code, err = _bad(tmp_path, capsys, tiny_raw(tmp_path / "s.zarr"), "--set", "compute.shard_size=-1")
+    assert code == 2 and "compute.shard_size" in err
+
+
+def test_missing_layer_lists_layers(tmp_path, capsys):
+    code, err = _bad(tmp_path, capsys, tiny_raw(tmp_path / "s.zarr", target={"layer": "block4_conv3"}))
+    assert code == 2 and "layer 'block4_conv3' not found; layers are:" in err and "block2_conv1" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_data_file(tmp_path, capsys):
+    raw = tiny_raw(tmp_path / "s.zarr", data={"source": "npz", "path": str(tmp_path / "nope.npz")})
+    code, err = _bad(tmp_path, capsys, raw)
+    assert code == 2 and "nope.npz' does not exist" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_output_not_writable(tmp_path, capsys):
+    (tmp_path / "plain_file").write_text("")
+    code, err = _bad(tmp_path, capsys, tiny_raw(tmp_path / "plain_file" / "s.zarr"))
+    assert code == 2 and "is not writable" in err
+
+
+def test_store_from_another_config_is_refused_untouched(finished_store, tmp_path, capsys):
+    before = snapshot(finished_store)
+    raw = tiny_raw(finished_store, compute={"shard_size": 32}, cluster={"executor": "local"}, data={"num_examples": 200})
+    code, err = _bad(tmp_path, capsys, raw)
+    assert code == 2 and "was written for a different config" in err and "data.num_examples" in err and "--overwrite" in err
+    assert snapshot(finished_store) == before
+
+
+def test_status_json_of_finished_store(finished_store, capsys):
+    assert call("status", str(finished_store), "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["complete"] is True and status["shards_done"] == status["shards_total"] == 2
+    assert status["missing"] == [] and status["engine"] == "factored" and status["validation"]["passed"] is True
+
+
+def test_validate_existing_store(finished_store, capsys):
+    assert call("validate", str(finished_store), "--samples", "3") == 0
+    assert "yes" in capsys.readouterr().out
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr"))
+    assert call("run", config, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "16 shards of 4 channels" in out and "18,432 entries" in out
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_example_configs_are_valid():
+    from pipeline.config import load_config
+
+    for name in sorted(os.listdir("configs")):
+        if name.endswith(".yaml"):
+            load_config(os.path.join("configs", name))
+    assert yaml.safe_load(open("configs/default.yaml"))["target"]["layer"] == "block2_conv1"
