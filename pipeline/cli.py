@@ -36,8 +36,9 @@ def _validation_table(validation: dict) -> Table:
     table = Table(title="validation against float64 finite differences")
     for column in ("samples", "max rel error (gradient)", "max rel error (diagonal)", "rtol", "passed"):
         table.add_column(column)
+    kinks = validation.get("nonsmooth_samples", 0)
     table.add_row(
-        str(validation.get("samples")),
+        f"{validation.get('samples')}" + (f" ({kinks} at kinks, diagonal skipped)" if kinks else ""),
         f"{validation.get('max_rel_error_gradient', float('nan')):.2e}",
         f"{validation.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
         f"{validation.get('rtol')}",

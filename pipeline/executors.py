@@ -55,7 +55,7 @@ class RayExecutor:
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=config.cluster.address, include_dashboard=False, configure_logging=False, log_to_driver=True)
+            ray.init(address=config.cluster.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
         cluster = config.cluster
         gpus = cluster_gpus()
         self.gpus_per_worker = (1.0 if gpus else 0.0) if cluster.gpus_per_worker == "auto" else float(cluster.gpus_per_worker)
