@@ -50,3 +50,13 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finished_store(tmp_path_factory):
+    """A small complete, validated store (local executor, 2 shards of 32 channels)."""
+    from pipeline.coordinator import run
+
+    path = tmp_path_factory.mktemp("done") / "s.zarr"
+    run(tiny_config(path, compute={"shard_size": 32}, cluster={"executor": "local"}, validation={"samples": 4}), live=False)
+    return path

@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.coordinator import run
-from tests.conftest import tiny_config, tiny_raw, write_config
+from tests.conftest import tiny_raw, write_config
 
 
 def call(*args):
@@ -25,13 +24,6 @@ def snapshot(root):
             path = os.path.join(dirpath, name)
             files[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return files
-
-
-@pytest.fixture(scope="module")
-def finished_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("done") / "s.zarr"
-    run(tiny_config(path, compute={"shard_size": 32}, cluster={"executor": "local"}, validation={"samples": 2}), live=False)
-    return path
 
 
 def _bad(tmp_path, capsys, raw_or_text, *extra):
