@@ -38,7 +38,7 @@ def _validation_table(validation: dict) -> Table:
         table.add_column(column)
     kinks = validation.get("nonsmooth_samples", 0)
     table.add_row(
-        f"{validation.get('samples')}" + (f" ({kinks} at kinks, diagonal skipped)" if kinks else ""),
+        f"{validation.get('samples')}" + (f" ({kinks} at kinks, not counted)" if kinks else ""),
         f"{validation.get('max_rel_error_gradient', float('nan')):.2e}",
         f"{validation.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
         f"{validation.get('rtol')}",
@@ -83,11 +83,22 @@ def run(
 
 @app.command()
 def status(
-    store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
+    store: str = typer.Argument(..., help="path or URL of a hessdiag store, or a Ray job id with --address"),
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
     storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    address: Optional[str] = typer.Option(None, help="Ray dashboard address: STORE is then a job id from `submit`"),
 ):
     """Shards done/total, missing or corrupt shards, timing, engine, validation state."""
+    if address:
+        from pipeline.submit import job_status
+
+        job = job_status(store, address)
+        if as_json:
+            print(json.dumps(job, indent=2))
+        else:
+            console.print(f"job {job['job_id']}: {job['status']} {job['message'] or ''}")
+            console.print("\n".join(job["log_tail"]))
+        return
     from pipeline.status import store_status
     from pipeline.store import ResultStore
 
@@ -157,11 +168,12 @@ def submit(
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     follow: bool = typer.Option(False, help="stream the job's logs and exit with its status"),
+    pip: bool = typer.Option(False, help="have Ray install the project's dependencies on the cluster (runtime_env pip)"),
 ):
-    """Submit `hessdiag run CONFIG` as a Ray job that ships this project and the config."""
+    """Submit `hessdiag run CONFIG` as a Ray job that ships this package and the config."""
     from pipeline.submit import submit_job
 
-    code = submit_job(config, address, set_, follow, print_=console.print)
+    code = submit_job(config, address, set_, follow, print_=print, pip=pip)
     if code:
         raise typer.Exit(code)
 

@@ -88,27 +88,43 @@ class RayExecutor:
         ).remote(self._config_json, self.config.cluster.cpus_per_worker)
 
     def execute(self, shards: list[Shard], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
+        """Run ``shards``; a replacement actor gets work only once it is up, so a lost node stalls nothing."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         queue = deque((shard, 0) for shard in shards)
-        pending: dict = {}
+        tasks: dict = {}  # shard task -> (slot, shard, attempt)
+        starting: dict = {}  # identity call of a replacement actor -> slot
         idle = list(range(self.num_workers))
 
         def submit():
             while idle and queue:
                 slot = idle.pop()
                 shard, attempt = queue.popleft()
-                pending[self.actors[slot].run_shard.remote(shard)] = (slot, shard, attempt)
+                tasks[self.actors[slot].run_shard.remote(shard)] = (slot, shard, attempt)
+
+        def replace(slot):
+            self.actors[slot] = self._start_actor(slot)
+            starting[self.actors[slot].identity.remote()] = slot
 
         submit()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+        while tasks or (queue and starting):
+            ready, _ = ray.wait(list(tasks) + list(starting), num_returns=1, timeout=10.0)
             heartbeat()
             if not ready:
                 continue
             ref = ready[0]
-            slot, shard, attempt = pending.pop(ref)
+            if ref in starting:
+                slot = starting.pop(ref)
+                try:
+                    identity = ray.get(ref)
+                    self.log(f"replacement actor up on {identity['host']}:{identity['pid']}")
+                    idle.append(slot)
+                except RayActorError:
+                    replace(slot)
+                submit()
+                continue
+            slot, shard, attempt = tasks.pop(ref)
             try:
                 record = ray.get(ref)
             except (RayActorError, RayTaskError, ray.exceptions.ObjectLostError) as exc:
@@ -118,8 +134,9 @@ class RayExecutor:
                 on_retry(shard, reason, attempt + 1)
                 queue.appendleft((shard, attempt + 1))
                 if isinstance(exc, RayActorError):
-                    self.actors[slot] = self._start_actor(slot)
-                idle.append(slot)
+                    replace(slot)
+                else:
+                    idle.append(slot)
                 submit()
                 continue
             on_done(shard, record)

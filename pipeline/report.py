@@ -84,7 +84,7 @@ def _validation_scatter(validation, path):
     for ax, key, units in ((axes[0], "hessian_diagonal", UNITS_DIAG), (axes[1], "gradient", UNITS_GRAD)):
         fd = np.array([e[f"{key}_fd"] for e in entries])
         got = np.array([e[key] for e in entries])
-        smooth = np.array([e.get("smooth", True) or key == "gradient" for e in entries], bool)
+        smooth = np.array([e.get("smooth", True) for e in entries], bool)
         if smooth.any():
             lo, hi = min(fd[smooth].min(), got[smooth].min()), max(fd[smooth].max(), got[smooth].max())
             span = np.linspace(lo, hi, 400)

@@ -1,0 +1,106 @@
+"""``hessdiag submit``: run a config as a Ray job that ships this package and the config.
+
+Equivalent command line (from a directory holding the config):
+
+    ray job submit --address http://HEAD:8265 --working-dir . \\
+        --runtime-env-json '{"py_modules": ["/path/to/pipeline"]}' -- python -m pipeline run config.yaml
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import load_config
+
+CONFIG_NAME = "hessdiag_config.yaml"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def project_requirements() -> list[str]:
+    """The installed project's runtime dependencies, for ``runtime_env['pip']``."""
+    try:
+        requires = metadata.requires("hessdiag") or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [r for r in requires if "extra ==" not in r]
+
+
+def job_spec(config_path: str, overrides: list[str], pip: bool) -> tuple[str, dict, str]:
+    """(entrypoint, runtime_env, staging dir) for a config; the config is checked locally first."""
+    load_config(config_path, overrides)  # malformed configs fail here, before anything is submitted
+    staging = tempfile.mkdtemp(prefix="hessdiag-job-")
+    shutil.copy(config_path, Path(staging) / CONFIG_NAME)
+    runtime_env = {
+        "working_dir": staging,
+        "py_modules": [str(Path(__file__).resolve().parent)],
+        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"},
+    }
+    if pip:
+        runtime_env["pip"] = project_requirements()
+    sets = " ".join(shlex.quote(f"--set={item}") for item in overrides)
+    return f"python -m pipeline run {CONFIG_NAME} {sets}".strip(), runtime_env, staging
+
+
+def exit_code_of(info) -> int:
+    """The job's exit code: 0 on success, the entrypoint's code when Ray reports it, else 1."""
+    status = str(getattr(info.status, "value", info.status))
+    if status == "SUCCEEDED":
+        return 0
+    found = re.search(r"exit code (\d+)", info.message or "")
+    return int(found.group(1)) if found else 1
+
+
+def follow_job(client, job_id: str, print_: Callable[[str], None], poll: float = 1.0) -> int:
+    """Stream the job's logs until it ends; return its exit code."""
+    shown = 0
+    while True:
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            print_(logs[shown:].rstrip("\n"))
+            shown = len(logs)
+        info = client.get_job_info(job_id)
+        if str(getattr(info.status, "value", info.status)) in TERMINAL:
+            logs = client.get_job_logs(job_id)
+            if len(logs) > shown:
+                print_(logs[shown:].rstrip("\n"))
+            print_(f"job {job_id}: {info.status.value if hasattr(info.status, 'value') else info.status} {info.message or ''}".strip())
+            return exit_code_of(info)
+        time.sleep(poll)
+
+
+def submit_job(config_path: str, address: str, overrides: list[str], follow: bool, print_=print, pip: bool = False) -> int:
+    """Submit the run; print the job id; with ``follow`` stream logs and return the job's exit code."""
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint, runtime_env, staging = job_spec(config_path, overrides, pip)
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "hessdiag"})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print_(f"submitted job {job_id} to {address}: {entrypoint}")
+    print_(f"follow it with: hessdiag status {job_id} --address {address}")
+    return follow_job(client, job_id, print_) if follow else 0
+
+
+def job_status(job_id: str, address: str) -> dict:
+    """Status, message and the last log lines of a submitted job."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    info = client.get_job_info(job_id)
+    status = str(getattr(info.status, "value", info.status))
+    return {
+        "job_id": job_id,
+        "status": status,
+        "message": info.message,
+        "exit_code": exit_code_of(info) if status in TERMINAL else None,
+        "log_tail": client.get_job_logs(job_id).splitlines()[-15:],
+    }

@@ -1,0 +1,113 @@
+"""A real multi-node Ray cluster on 127.0.0.1, started with `ray start`, torn down by process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env() -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _processes() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            found.append((int(entry), int(fields[1]), int(fields[2])))
+    return found
+
+
+def _group_members(group: int) -> list[int]:
+    return [pid for pid, _, pgid in _processes() if pgid == group]
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in _processes():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+@dataclass
+class LocalCluster:
+    """A head and worker nodes, each in its own process group so each can be killed alone."""
+
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hdray-"))
+    groups: list[int] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, *args: str) -> int:
+        process = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+            env=cluster_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        output, _ = process.communicate(timeout=120)
+        if process.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{output}")
+        self.groups.append(process.pid)
+        return process.pid
+
+    def start_head(self) -> None:
+        self._start("--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}")
+
+    def add_node(self) -> int:
+        return self._start(f"--address={self.address}")
+
+    def alive_nodes(self) -> int:
+        code = "import ray; ray.init(address='%s'); print(sum(n['Alive'] for n in ray.nodes()))" % self.address
+        out = subprocess.run([sys.executable, "-c", code], env=cluster_env(), capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    def kill_node(self, group: int) -> None:
+        """SIGKILL a node: its process group (raylet and agents) and every descendant (its workers)."""
+        victims = set(_group_members(group))
+        victims |= {child for pid in list(victims) for child in _descendants(pid)}
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        for group in self.groups:
+            self.kill_node(group)
+        time.sleep(1)

@@ -1,0 +1,95 @@
+"""A real two-node Ray cluster on this machine: job submission, spread placement, node loss."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.store import ResultStore
+from tests.cluster import LocalCluster, cluster_env
+from tests.conftest import tiny_raw, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    local = LocalCluster()
+    try:
+        local.start_head()
+        local.worker_group = local.add_node()
+        deadline = time.time() + 60
+        while local.alive_nodes() < 2 and time.time() < deadline:
+            time.sleep(1)
+        yield local
+    finally:
+        local.stop()
+
+
+def hessdiag(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=cluster_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """An undisturbed run submitted as a Ray job to the two-node cluster."""
+    root = tmp_path_factory.mktemp("job")
+    out = root / "s.zarr"
+    config = write_config(root / "c.yaml", tiny_raw(out, data={"num_examples": 768}, validation={"samples": 4}))
+    done = hessdiag("submit", config, "--address", cluster.dashboard, "--set", "cluster.address=auto", "--follow")
+    return done, out
+
+
+def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
+    done, out = submitted
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted job raysubmit_" in done.stdout and "SUCCEEDED" in done.stdout
+    assert "2 actors x (1 CPU, 0 GPU) on 1 node(s)" in done.stdout  # both nodes share this host name
+    attrs = ResultStore.open(str(out), mode="r").attrs
+    assert attrs["complete"] is True and attrs["validation"]["passed"] is True
+    pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").manifest().values()}
+    assert len(pids) == 2  # one actor per node: each node has one CPU
+    job_id = done.stdout.split("submitted job ")[1].split()[0]
+    status = hessdiag("status", job_id, "--address", cluster.dashboard, "--json")
+    assert '"status": "SUCCEEDED"' in status.stdout
+
+
+def test_failing_job_reports_error_and_exit_status(cluster, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr", target={"layer": "no_such_layer"}))
+    done = hessdiag("submit", config, "--address", cluster.dashboard, "--set", "cluster.address=auto", "--follow")
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert "layer 'no_such_layer' not found; layers are:" in done.stdout and "FAILED" in done.stdout
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_malformed_config_is_refused_before_submission(cluster, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("output: [\n")
+    done = hessdiag("submit", str(config), "--address", cluster.dashboard)
+    assert done.returncode == 2 and "is not valid YAML" in done.stderr and "submitted job" not in done.stdout
+
+
+def test_node_killed_mid_run_costs_only_its_shards(submitted, cluster, tmp_path):
+    _, reference = submitted
+    out = tmp_path / "s.zarr"
+    config = write_config(tmp_path / "c.yaml", tiny_raw(out, data={"num_examples": 768}, validation={"samples": 0}))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config, "--set", f"cluster.address={cluster.address}"],
+                               env=cluster_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if ResultStore.exists(str(out)) and len(ResultStore.open(str(out), mode="r").manifest()) >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before the node could be killed"
+    cluster.kill_node(cluster.worker_group)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert "will be retried" in output
+    mine = ResultStore.open(str(out), mode="r").arrays()
+    theirs = ResultStore.open(str(reference), mode="r").arrays()
+    for a, b in zip(mine, theirs):
+        np.testing.assert_array_equal(a, b)
+    assert os.path.isdir(out)
