@@ -84,6 +84,8 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultS
         if overwrite:
             store.acquire_lock()  # refuses while another coordinator is alive
             return ResultStore.create(url, options, plan, attrs)
+        if not store.initialized and store.attrs.get("config_fingerprint") == attrs["config_fingerprint"]:
+            return ResultStore.create(url, options, plan, attrs)  # creation was interrupted: nothing to keep
         stored = store.attrs
         if stored.get("config_fingerprint") != attrs["config_fingerprint"]:
             differences = _config_differences(stored.get("config", {}), attrs["config"])

@@ -86,9 +86,9 @@ class ResultStore:
 
     # opening -----------------------------------------------------------------
     @staticmethod
-    def _open(url: str, storage_options: dict, mode: str) -> zarr.Group:
+    def _open(url: str, storage_options: dict, mode: str, attributes: dict | None = None) -> zarr.Group:
         options = {"storage_options": storage_options} if is_remote(url) else {}
-        return zarr.open_group(_local_path(url), mode=mode, zarr_format=3, **options)
+        return zarr.open_group(_local_path(url), mode=mode, zarr_format=3, attributes=attributes, **options)
 
     @classmethod
     def exists(cls, url: str, storage_options: dict | None = None) -> bool:
@@ -108,10 +108,15 @@ class ResultStore:
             raise BadInputError(f"{url!r} is a Zarr group but not a hessdiag store")
         return cls(group, url)
 
+    @property
+    def initialized(self) -> bool:
+        """False when a crash interrupted ``create`` before both arrays existed."""
+        return all(name in self.group for name in ARRAYS)
+
     @classmethod
     def create(cls, url: str, storage_options: dict, plan: Plan, attrs: dict[str, Any]) -> "ResultStore":
-        """A new, empty store (replacing whatever is at ``url``)."""
-        group = cls._open(url, storage_options, "w")
+        """A new, empty store (replacing whatever is at ``url``); its attributes are written with the group."""
+        group = cls._open(url, storage_options, "w", attributes={"complete": False, **attrs})
         chunks = plan.weight_shape[:-1] + (plan.shard_size,)
         for name in ARRAYS:
             group.create_array(
@@ -124,7 +129,6 @@ class ResultStore:
                 attributes={"long_name": name.replace("_", " "), "units": "loss / weight" if name == "gradient" else "loss / weight^2"},
             )
         group.require_group("manifest")
-        group.attrs.update({"complete": False, **attrs})
         return cls(group, url)
 
     # attributes --------------------------------------------------------------
@@ -167,7 +171,9 @@ class ResultStore:
 
     def manifest(self) -> dict[int, dict[str, Any]]:
         """Recorded shards by index (not yet verified against the chunks)."""
-        manifest = self.group.require_group("manifest")
+        if "manifest" not in self.group:
+            return {}
+        manifest = self.group["manifest"]
         entries = (dict(group.attrs) for _, group in manifest.groups())
         return {entry["index"]: entry for entry in entries if "checksum" in entry}
 

@@ -57,6 +57,14 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def kill_group(group: int) -> None:
+    """SIGKILL a process group that may already be gone."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @dataclass
 class LocalCluster:
     """A head and worker nodes, each in its own process group so each can be killed alone."""

@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Credentials for the S3 test server, set before Ray starts so that its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "hessdiag-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "hessdiag-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

@@ -16,6 +16,7 @@ from pipeline.coordinator import run
 from pipeline.curvature import layer_derivatives
 from pipeline.job import Job
 from pipeline.store import ResultStore
+from tests.cluster import kill_group
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 
@@ -123,7 +124,7 @@ def test_driver_sigkill_then_rerun_finishes_only_missing_shards(reference, tmp_p
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the killed driver's local Ray processes
+        kill_group(process.pid)  # the killed driver's local Ray processes
     done_before = ResultStore.open(str(out), mode="r").manifest()
     assert 3 <= len(done_before) < 16
     assert ResultStore.open(str(out), mode="r").lock_info() is not None  # left behind by the killed driver

@@ -1,0 +1,130 @@
+"""A real S3-compatible server (moto in server mode on 127.0.0.1) as the output store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from pipeline.coordinator import run
+from pipeline.store import ResultStore
+from tests.cluster import free_port, kill_group
+from tests.conftest import tiny_config, tiny_raw, write_config
+
+pytestmark = pytest.mark.slow
+BUCKET = "hessdiag-results"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        deadline = time.time() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - server still starting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield client, {"endpoint_url": endpoint}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+SLOWER = {"num_examples": 768}  # shards slow enough to kill a run between them
+
+
+def s3_config(name, options, **sections):
+    return tiny_config(f"s3://{BUCKET}/{name}.zarr", storage_options=options, data=SLOWER, **sections)
+
+
+def recorded_shards(client, name):
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/manifest/shard-")
+    return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith("zarr.json")]
+
+
+def arrays(url, options):
+    return ResultStore.open(url, options, mode="r").arrays()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, ray_session, tmp_path_factory):
+    client, options = s3
+    config = s3_config("full", options, validation={"samples": 4})
+    return run(config, live=False), config
+
+
+def test_end_to_end_on_s3_matches_local_disk_and_keeps_no_secrets(s3, s3_run, tmp_path):
+    client, options = s3
+    result, config = s3_run
+    assert result.passed and sorted(result.computed) == list(range(16))
+    local = tiny_config(tmp_path / "local.zarr", data=SLOWER, cluster={"executor": "local"}, validation={"samples": 0})
+    run(local, live=False)
+    for remote, disk in zip(arrays(config.output, options), ResultStore.open(str(tmp_path / "local.zarr"), mode="r").arrays()):
+        np.testing.assert_array_equal(remote, disk)
+    everything = b"".join(
+        client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+        for item in client.list_objects_v2(Bucket=BUCKET, Prefix="full.zarr")["Contents"]
+        if item["Key"].endswith("zarr.json")
+    )
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in everything
+    assert b"endpoint_url" not in everything
+    assert "storage_options" not in ResultStore.open(config.output, options, mode="r").attrs["config"]
+
+
+def test_driver_killed_then_resumed_on_s3(s3, s3_run, tmp_path):
+    client, options = s3
+    _, full = s3_run
+    url = f"s3://{BUCKET}/resumed.zarr"
+    raw = tiny_raw(url, storage_options=options, data=SLOWER, validation={"samples": 0})
+    config_path = write_config(tmp_path / "c.yaml", raw)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config_path], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if len(recorded_shards(client, "resumed")) >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        kill_group(process.pid)
+    before = set(ResultStore.open(url, options, mode="r").manifest())
+    assert 2 <= len(before) < 16
+    result = run(s3_config("resumed", options, validation={"samples": 0}), live=False)
+    assert sorted(result.computed) == sorted(set(range(16)) - before)
+    for mine, theirs in zip(arrays(url, options), arrays(full.output, options)):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
+    from pipeline.cli import main
+
+    client, options = s3
+    _, full = s3_run
+    client.put_object(Bucket=BUCKET, Key="full.zarr/hessian_diagonal/c/0/0/0/6", Body=b"not a chunk")
+    with pytest.raises(SystemExit):
+        main(["status", full.output, "--json", "--storage-options", json.dumps(options)])
+    status = json.loads(capsys.readouterr().out)
+    assert status["corrupt"] == [6] and status["complete"] is False
+    result = run(full, live=False)
+    assert result.computed == [6] and result.passed
+    _, corrupt, missing = ResultStore.open(full.output, options, mode="r").verify(
+        __import__("pipeline.plan", fromlist=["plan_shards"]).plan_shards((3, 3, 32, 64), 4)
+    )
+    assert not corrupt and not missing
