@@ -111,7 +111,8 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
 def test_example_configs_are_valid():
     from pipeline.config import load_config
 
-    for name in sorted(os.listdir("configs")):
-        if name.endswith(".yaml"):
-            load_config(os.path.join("configs", name))
+    names = [os.path.join("configs", n) for n in os.listdir("configs") if n.endswith(".yaml")]
+    names.append(os.path.join("configs", "cluster", "vgg16_conv4_3_s3.yaml"))
+    for name in sorted(names):
+        load_config(name)
     assert yaml.safe_load(open("configs/default.yaml"))["target"]["layer"] == "block2_conv1"

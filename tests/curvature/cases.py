@@ -42,7 +42,7 @@ class Case:
         return x, y
 
 
-def _cnn(activation, head=None, suffix=()):
+def _cnn(activation, head=None, suffix=(), classes=5):
     def build():
         inp = keras.Input((6, 6, 2))
         h = L.Conv2D(3, 3, padding="same", activation="tanh", name="c1")(inp)
@@ -50,7 +50,7 @@ def _cnn(activation, head=None, suffix=()):
         for layer in suffix:
             h = layer()(h)
         h = L.Flatten()(L.MaxPooling2D()(h))
-        return keras.Model(inp, L.Dense(5, activation=head, name="out")(h))
+        return keras.Model(inp, L.Dense(classes, activation=head, name="out")(h))
 
     return build
 
@@ -107,6 +107,7 @@ CASES = [
     Case("cnn_maxpool_relu", _cnn("relu"), "target", "sparse_categorical_crossentropy", True, True, (6, 6, 2), 5),
     Case("cnn_softmax_head", _cnn("relu", head="softmax"), "target", "sparse_categorical_crossentropy", False, True, (6, 6, 2), 5),
     Case("cnn_onehot_mse", _cnn("relu", suffix=(lambda: L.Dropout(0.5),)), "target", "mse", False, True, (6, 6, 2), 5),
+    Case("cnn_70_classes", _cnn("relu", classes=70), "target", "sparse_categorical_crossentropy", True, True, (6, 6, 2), 70),
     Case("cnn_gelu", _cnn("gelu"), "target", "categorical_crossentropy", True, False, (6, 6, 2), 5),
     Case("strided_valid", _strided, "target", "categorical_crossentropy", True, True, (7, 7, 2), 4),
     Case("dilated_same_gelu", _dilated_same, "target", "mse", False, False, (6, 6, 2), 4),
