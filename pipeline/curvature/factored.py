@@ -91,14 +91,14 @@ class FactoredEngine:
 
     def __init__(self, problem: Problem, peel_softmax: bool, column_chunk: int = 16, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.problem = problem
-        self.column_chunk = column_chunk
-        self.memory_budget = memory_budget
         target = problem.target
+        self.classes = int(np.prod(target.model.outputs[0].shape[1:]))
+        self.column_chunk = min(column_chunk, self.classes)
+        self.memory_budget = memory_budget
         self._columns = tf.function(
             lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax)
         )
         self._patches = tf.function(lambda x: target.patches(target.layer_input(x)))
-        self.classes = int(np.prod(target.model.outputs[0].shape[1:]))
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
 
