@@ -73,12 +73,13 @@ class LossConfig(_Section):
 class ComputeConfig(_Section):
     """How the diagonal is computed."""
 
-    engine: Literal["auto", "exact", "factored", "hutchinson"] = Field("auto", description="`auto` picks `factored` when exact for this model, else `exact`")
+    engine: Literal["auto", "exact", "factored", "hutchinson", "monte_carlo"] = Field("auto", description="`auto` picks `factored` when exact for this model, else `exact`; `hutchinson` and `monte_carlo` are stochastic estimates")
     shard_size: int = Field(8, gt=0, description="output channels per shard (= Zarr chunk along the last axis)")
     chunk_size: int = Field(128, gt=0, description="exact engine: entries vectorized per call (memory bound)")
     column_chunk: int = Field(16, gt=0, description="factored engine: loss-Hessian factor columns per call (memory bound)")
     probes: int = Field(64, gt=1, description="hutchinson: number of Rademacher probes")
-    seed: int = Field(0, description="hutchinson: probe seed")
+    samples: int = Field(16, gt=1, description="monte_carlo: sampled loss-Hessian factor columns per example")
+    seed: int = Field(0, description="hutchinson and monte_carlo: random seed")
 
 
 class ClusterConfig(_Section):

@@ -49,6 +49,7 @@ class Job:
             chunk_size=c.chunk_size,
             column_chunk=c.column_chunk,
             probes=c.probes,
+            samples=c.samples,
             seed=c.seed,
         )
         classes = int(np.prod(model.outputs[0].shape[1:]))

@@ -70,6 +70,26 @@ class Loss:
         return tf.sqrt(label_mass) * factor
 
 
+    def sampled_factor(self, logits: tf.Tensor, y: tf.Tensor, samples: int, seed: int) -> tf.Tensor:
+        """Random R (N, C, samples) with E[R Rᵀ] = S Sᵀ: the Monte-Carlo factor of the loss Hessian.
+
+        Cross-entropy: columns (onehot(ŷ) - p) / sqrt(samples) with ŷ ~ softmax(logits);
+        MSE: sqrt(2 / C) ξ / sqrt(samples) with standard normal ξ.
+        """
+        logits = _flatten(logits)
+        classes = int(logits.shape[-1])
+        n = tf.shape(logits)[0]
+        scale = tf.sqrt(tf.constant(float(samples), logits.dtype))
+        if self.name == "mse":
+            noise = tf.random.stateless_normal((n, classes, samples), seed=[seed, 1], dtype=logits.dtype)
+            return tf.sqrt(tf.constant(2.0 / classes, logits.dtype)) * noise / scale
+        probs = tf.nn.softmax(logits)
+        drawn = tf.random.stateless_categorical(logits, samples, seed=[seed, 2])  # (N, samples)
+        columns = tf.one_hot(drawn, classes, axis=1, dtype=logits.dtype) - probs[:, :, None]
+        label_mass = tf.reduce_sum(self.targets(y, logits), axis=1)[:, None, None]
+        return tf.sqrt(label_mass) * columns / scale
+
+
 def get_loss(name: str, from_logits: bool = False) -> Loss:
     """The loss called ``name``; raises BadInputError listing the valid names."""
     if name not in LOSS_NAMES:

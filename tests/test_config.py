@@ -35,7 +35,7 @@ def test_wrong_type_names_path_and_value(tmp_path):
 def test_engine_choices_are_listed(tmp_path):
     raw = tiny_raw(tmp_path / "s.zarr")
     raw["compute"]["engine"] = "fast"
-    with pytest.raises(BadInputError, match=r"compute.engine: Input should be 'auto', 'exact', 'factored' or 'hutchinson'"):
+    with pytest.raises(BadInputError, match=r"compute.engine: Input should be 'auto', 'exact', 'factored', 'hutchinson' or 'monte_carlo'"):
         parse_config(raw)
 
 

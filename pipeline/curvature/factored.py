@@ -35,8 +35,11 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 SPARSE_MIN_CLASSES = 64
 
 
-def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
-    """V_c = Jᵀ s_c for the given factor columns, restricted to channels start:stop: (K, N, S, O)."""
+def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax: bool, factor_fn=None) -> tf.Tensor:
+    """V_c = Jᵀ s_c for the given factor columns, restricted to channels start:stop: (K, N, S, O).
+
+    ``factor_fn(logits, y)`` gives the factor (N, C, K); the loss's exact factor by default.
+    """
     target = problem.target
     a = target.layer_input(x)
     delta = tf.zeros_like(target.pre_activation(a))
@@ -45,7 +48,7 @@ def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax
         tape.watch(delta)
         with peel:
             logits = tf.reshape(problem.outputs(x, delta), (tf.shape(x)[0], -1))
-    factor = problem.loss.hessian_factor(logits, y)
+    factor = (factor_fn or problem.loss.hessian_factor)(logits, y)
     factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)  # column C is zero: padding
 
     def column(c):

@@ -17,13 +17,13 @@ import tensorflow as tf
 from pipeline.curvature.exact import ExactEngine
 from pipeline.curvature.factored import FactoredEngine
 from pipeline.curvature.problem import Problem
-from pipeline.curvature.stochastic import HutchinsonEngine
+from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
 from pipeline.curvature.suffix import check_suffix
 from pipeline.curvature.target import as_kernel, channel_slice, resolve_target
 from pipeline.errors import BadInputError, NonFiniteLossError
 from pipeline.losses import check_labels, get_loss
 
-ENGINES = ("auto", "exact", "factored", "hutchinson")
+ENGINES = ("auto", "exact", "factored", "hutchinson", "monte_carlo")
 EXACT_ENGINES = ("exact", "factored")
 
 
@@ -50,6 +50,10 @@ def choose_engine(requested: str, problem: Problem) -> EngineChoice:
     check = check_suffix(problem.target, problem.loss)
     if requested == "factored" and not check.piecewise_linear:
         raise BadInputError(f"engine 'factored' would not be exact: {check.reason}; use 'exact' or 'auto'")
+    if requested == "monte_carlo":
+        if not check.piecewise_linear:
+            raise BadInputError(f"engine 'monte_carlo' needs a piecewise-linear suffix: {check.reason}; use 'hutchinson'")
+        return EngineChoice("monte_carlo", "requested: Monte-Carlo sampled loss-Hessian factors, not exact", exact=False)
     if requested == "auto":
         name = "factored" if check.piecewise_linear else "exact"
         return EngineChoice(name, f"auto: {check.reason}", exact=True)
@@ -84,6 +88,7 @@ class LayerCurvature:
         chunk_size: int = 128,
         column_chunk: int = 16,
         probes: int = 64,
+        samples: int = 16,
         seed: int = 0,
     ):
         self.target = resolve_target(model, layer, weight)
@@ -94,6 +99,9 @@ class LayerCurvature:
             self.engine = ExactEngine(self.problem, chunk_size)
         elif self.choice.name == "factored":
             self.engine = FactoredEngine(self.problem, check_suffix(self.target, self.loss).peel_softmax, column_chunk)
+        elif self.choice.name == "monte_carlo":
+            peel = check_suffix(self.target, self.loss).peel_softmax
+            self.engine = MonteCarloFactorEngine(self.problem, peel, samples=samples, seed=seed)
         else:
             self.engine = HutchinsonEngine(self.problem, probes=probes, seed=seed)
         self._gradient = tf.function(lambda x, y, start, stop: self.problem.batch_gradient(x, y, slice(start, stop)))
@@ -113,7 +121,7 @@ class LayerCurvature:
         if examples == 0:
             raise BadInputError("the data set is empty")
         grad = self._sum(self._batch_gradient(x, y, channels) for x, y in batches)
-        if self.choice.name == "hutchinson":
+        if not self.choice.exact:
             diag, stderr = self.engine.diagonal_sum(batches, channels)
             self.stderr = as_kernel(stderr / examples, self.target, channels)
         else:

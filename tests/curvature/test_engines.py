@@ -67,3 +67,24 @@ def test_hutchinson_shard_equals_slice_of_full_estimate():
         model, case.layer, x, y, loss=case.loss, from_logits=True, engine="hutchinson", probes=8, out_channels=slice(2, 4)
     )
     np.testing.assert_allclose(part.hessian_diagonal, full.hessian_diagonal[..., 2:4], rtol=1e-6, atol=1e-9)
+
+
+def test_monte_carlo_factors_converge_to_the_exact_diagonal():
+    case = _case("cnn_maxpool_relu")
+    model = case.model()
+    x, y = case.data(n=8)
+    _, exact = brute_force(case, model, x, y)
+    errors = {}
+    for samples in (8, 128):
+        curvature = LayerCurvature(model, case.layer, loss=case.loss, from_logits=True, engine="monte_carlo", samples=samples, seed=5)
+        assert not curvature.choice.exact
+        result = curvature.compute(batches_of(x, y, 4))
+        errors[samples] = np.sqrt(np.mean((result.hessian_diagonal - exact) ** 2))
+        assert 0.2 < errors[samples] / np.sqrt(np.mean(curvature.stderr**2)) < 5
+    assert 2.0 < errors[8] / errors[128] < 8.0, errors  # 1/sqrt(samples) predicts 4
+
+
+def test_monte_carlo_on_smooth_suffix_is_refused():
+    case = _case("cnn_gelu")
+    with pytest.raises(BadInputError, match="monte_carlo' needs a piecewise-linear suffix"):
+        LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=True, engine="monte_carlo")
