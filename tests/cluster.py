@@ -65,6 +65,26 @@ def kill_group(group: int) -> None:
         pass
 
 
+def start_driver(config_path: str) -> subprocess.Popen:
+    """`hessdiag run CONFIG` as its own process group, so it and its local Ray can be killed together."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", config_path], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_driver_when(process: subprocess.Popen, ready, timeout: float = 240, poll: float = 0.05) -> None:
+    """SIGKILL a driver once ``ready()`` is true (then its process group); fail if it ends first."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and process.poll() is None and not ready():
+            time.sleep(poll)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        kill_group(process.pid)
+
+
 @dataclass
 class LocalCluster:
     """A head and worker nodes, each in its own process group so each can be killed alone."""

@@ -1,10 +1,6 @@
 """End-to-end runs on a real local Ray and real Zarr stores: results, determinism, retries, resume."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +12,7 @@ from pipeline.coordinator import run
 from pipeline.curvature import layer_derivatives
 from pipeline.job import Job
 from pipeline.store import ResultStore
-from tests.cluster import kill_group
+from tests.cluster import kill_driver_when, start_driver
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 
@@ -100,31 +96,16 @@ def test_killed_actor_mid_shard_is_retried_bit_identical(reference, tmp_path):
         np.testing.assert_array_equal(mine, theirs)
 
 
-def _hessdiag(*args, **kwargs):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+def recorded(path) -> int:
+    """Shards recorded done in the store at ``path`` (0 before it exists)."""
+    return len(ResultStore.open(str(path), mode="r").manifest()) if ResultStore.exists(str(path)) else 0
 
 
 def test_driver_sigkill_then_rerun_finishes_only_missing_shards(reference, tmp_path):
     _, _, path = reference
     out = tmp_path / "s.zarr"
     config_path = write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0}))
-    process = _hessdiag("run", config_path)
-    deadline = time.time() + 240
-    done_before = {}
-    try:
-        while time.time() < deadline and process.poll() is None:
-            if ResultStore.exists(str(out)):
-                done_before = ResultStore.open(str(out), mode="r").manifest()
-                if len(done_before) >= 3:
-                    break
-            time.sleep(0.1)
-        assert process.poll() is None, "the run finished before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        kill_group(process.pid)  # the killed driver's local Ray processes
+    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 3)
     done_before = ResultStore.open(str(out), mode="r").manifest()
     assert 3 <= len(done_before) < 16
     assert ResultStore.open(str(out), mode="r").lock_info() is not None  # left behind by the killed driver

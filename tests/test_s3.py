@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.coordinator import run
 from pipeline.store import ResultStore
-from tests.cluster import free_port, kill_group
+from tests.cluster import free_port, kill_driver_when, start_driver
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 pytestmark = pytest.mark.slow
@@ -91,19 +91,7 @@ def test_driver_killed_then_resumed_on_s3(s3, s3_run, tmp_path):
     url = f"s3://{BUCKET}/resumed.zarr"
     raw = tiny_raw(url, storage_options=options, data=SLOWER, validation={"samples": 0})
     config_path = write_config(tmp_path / "c.yaml", raw)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config_path], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and process.poll() is None:
-            if len(recorded_shards(client, "resumed")) >= 2:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        kill_group(process.pid)
+    kill_driver_when(start_driver(config_path), lambda: len(recorded_shards(client, "resumed")) >= 2)
     before = set(ResultStore.open(url, options, mode="r").manifest())
     assert 2 <= len(before) < 16
     result = run(s3_config("resumed", options, validation={"samples": 0}), live=False)

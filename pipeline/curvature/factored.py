@@ -105,28 +105,36 @@ class FactoredEngine:
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
 
-    def examples_per_chunk(self, channels: slice) -> int:
-        """How many examples' factor columns and gathered patches fit the memory budget."""
+    def chunk_sizes(self, channels: slice) -> tuple[int, int]:
+        """(examples, output channels) per product call so that columns and products fit the memory budget.
+
+        The factor columns of a chunk of examples take 4·C·S·O bytes; the products of a chunk of
+        channels take 4·(2·S·P) bytes per channel and example (gathered patches and M·P) on the
+        sparse path, 4·C·P on the dense one.
+        """
         target = self.problem.target
         positions = int(np.prod(target.layer.output.shape[1:-1]))
         features = int(np.prod(target.shape[:-1]))
         width = channels.stop - channels.start
-        products = 2 * positions * features if self.sparse else self.classes * features
-        per_example = 4 * width * (self.classes * positions + products)
-        return max(1, self.memory_budget // per_example)
+        examples = max(1, self.memory_budget // (2 * 4 * self.classes * positions * width))
+        per_channel = 4 * examples * (2 * positions * features if self.sparse else self.classes * features)
+        return examples, max(1, min(width, self.memory_budget // (2 * per_channel)))
 
     def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
         """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
         classes = self.classes
-        chunk = self.examples_per_chunk(channels)
+        examples, width = self.chunk_sizes(channels)
         bounds = tf.constant(channels.start), tf.constant(channels.stop)
         total = None
-        for first in range(0, len(x), chunk):
-            xs, ys = x[first : first + chunk], y[first : first + chunk]
+        for first in range(0, len(x), examples):
+            xs, ys = x[first : first + examples], y[first : first + examples]
             columns = []
             for c0 in range(0, classes, self.column_chunk):
                 ids = np.minimum(np.arange(c0, c0 + self.column_chunk), classes)  # index ``classes`` is the zero column
                 columns.append(self._columns(xs, ys, tf.constant(ids, tf.int32), *bounds))
-            part = self._products(self._patches(xs), tf.concat(columns, axis=0)).numpy()
+            columns = tf.concat(columns, axis=0)
+            patches = self._patches(xs)
+            parts = [self._products(patches, columns[..., o : o + width]).numpy() for o in range(0, columns.shape[-1], width)]
+            part = np.concatenate(parts, axis=1)
             total = part if total is None else total + part
         return total

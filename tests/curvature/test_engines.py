@@ -41,20 +41,25 @@ def test_cross_entropy_on_probabilities_without_softmax_is_not_piecewise_linear(
     assert "without a final softmax" in curvature.choice.reason
 
 
-def test_hutchinson_converges_like_one_over_sqrt_probes():
-    case = _case("mlp_tanh")
+@pytest.mark.parametrize(
+    "name,engine,option,counts",
+    [("mlp_tanh", "hutchinson", "probes", (16, 256)), ("cnn_maxpool_relu", "monte_carlo", "samples", (8, 128))],
+)
+def test_stochastic_estimates_converge_like_one_over_sqrt_samples(name, engine, option, counts):
+    case = _case(name)
     model = case.model()
     x, y = case.data(n=8)
     _, exact = brute_force(case, model, x, y)
     errors = {}
-    for probes in (16, 256):
-        curvature = LayerCurvature(model, case.layer, loss=case.loss, engine="hutchinson", probes=probes, seed=3)
+    for count in counts:
+        curvature = LayerCurvature(model, case.layer, loss=case.loss, from_logits=case.from_logits, engine=engine, seed=3, **{option: count})
+        assert not curvature.choice.exact
         result = curvature.compute(batches_of(x, y, 4))
-        errors[probes] = np.sqrt(np.mean((result.hessian_diagonal - exact) ** 2))
+        errors[count] = np.sqrt(np.mean((result.hessian_diagonal - exact) ** 2))
         assert curvature.stderr is not None and curvature.stderr.shape == exact.shape
         # the reported standard error is an honest scale of the actual error
-        assert 0.2 < errors[probes] / np.sqrt(np.mean(curvature.stderr**2)) < 5
-    ratio = errors[16] / errors[256]  # 1/sqrt(probes) predicts 4
+        assert 0.2 < errors[count] / np.sqrt(np.mean(curvature.stderr**2)) < 5
+    ratio = errors[counts[0]] / errors[counts[1]]  # 1/sqrt(count) predicts 4
     assert 2.0 < ratio < 8.0, errors
 
 
@@ -67,21 +72,6 @@ def test_hutchinson_shard_equals_slice_of_full_estimate():
         model, case.layer, x, y, loss=case.loss, from_logits=True, engine="hutchinson", probes=8, out_channels=slice(2, 4)
     )
     np.testing.assert_allclose(part.hessian_diagonal, full.hessian_diagonal[..., 2:4], rtol=1e-6, atol=1e-9)
-
-
-def test_monte_carlo_factors_converge_to_the_exact_diagonal():
-    case = _case("cnn_maxpool_relu")
-    model = case.model()
-    x, y = case.data(n=8)
-    _, exact = brute_force(case, model, x, y)
-    errors = {}
-    for samples in (8, 128):
-        curvature = LayerCurvature(model, case.layer, loss=case.loss, from_logits=True, engine="monte_carlo", samples=samples, seed=5)
-        assert not curvature.choice.exact
-        result = curvature.compute(batches_of(x, y, 4))
-        errors[samples] = np.sqrt(np.mean((result.hessian_diagonal - exact) ** 2))
-        assert 0.2 < errors[samples] / np.sqrt(np.mean(curvature.stderr**2)) < 5
-    assert 2.0 < errors[8] / errors[128] < 8.0, errors  # 1/sqrt(samples) predicts 4
 
 
 def test_monte_carlo_on_smooth_suffix_is_refused():
