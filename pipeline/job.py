@@ -101,4 +101,14 @@ class Job:
             "engine": self.curvature.choice.name,
             "engine_reason": self.curvature.choice.reason,
             "exact": self.curvature.choice.exact,
+            **self._estimator_facts(),
         }
+
+    def _estimator_facts(self) -> dict:
+        """Sample count of a stochastic engine; each shard's manifest entry adds its largest standard error."""
+        name = self.curvature.choice.name
+        if name == "hutchinson":
+            return {"estimator": name, "estimator_samples": self.config.compute.probes}
+        if name == "monte_carlo":
+            return {"estimator": name, "estimator_samples": self.config.compute.samples}
+        return {}

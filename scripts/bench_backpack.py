@@ -149,6 +149,9 @@ def main() -> None:
         for batch in batches:
             ours = run_role("ours", args.model, batch, workdir, args.warm_up_max_batch)
             theirs = run_role("backpack", args.model, batch, workdir, args.warm_up_max_batch) if batch <= args.backpack_max_batch else {"error": "skipped (does not fit)"}
+            if "error" in ours:
+                print(f"batch {batch:3d}: hessdiag failed: {ours['error']}")
+                continue
             cold = " (first call)" if batch > args.warm_up_max_batch else ""
             line = f"batch {batch:3d}: hessdiag factored{cold} {ours['seconds']:8.2f} s ({ours['seconds'] / batch:7.2f} s/example), peak {ours['peak_bytes'] / 2**30:6.2f} GiB"
             if "error" in theirs:
