@@ -34,8 +34,7 @@ def _heatmap(diagonal, title, path):
     fig, ax = plt.subplots(figsize=(7, 5.5))
     zero = pairs == 0
     magnitude = np.ma.masked_array(np.log10(np.where(zero, 1.0, np.abs(pairs))), mask=zero)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("lightgray")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     image = ax.imshow(magnitude, aspect="auto", cmap=cmap, origin="lower", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="log10 |sum of d²L/dW² over kernel positions| (loss / weight²)")
     if zero.any():

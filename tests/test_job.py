@@ -1,0 +1,53 @@
+"""Loading inputs: saved .keras models (with custom objects) and .npz data give the same run as built-ins."""
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.coordinator import run
+from pipeline.errors import BadInputError
+from pipeline.job import Job
+from pipeline.model import build_model
+from pipeline.store import ResultStore
+from tests.conftest import tiny_config
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer (x * 1): loading it needs its custom object."""
+
+    def call(self, inputs):
+        return inputs * 1.0
+
+
+def test_keras_file_and_npz_reproduce_the_builtin_run_bit_for_bit(finished_store, tmp_path):
+    model = build_model("digits_vgg", seed=0)
+    model.save(tmp_path / "m.keras")
+    reference = Job.load(tiny_config(tmp_path / "unused.zarr"))
+    np.savez(tmp_path / "d.npz", x=reference.x, y=reference.y)
+    config = tiny_config(
+        tmp_path / "s.zarr",
+        model={"source": "keras_file", "path": str(tmp_path / "m.keras"), "builder": None},
+        data={"source": "npz", "path": str(tmp_path / "d.npz"), "num_examples": None},
+        compute={"shard_size": 32},
+        cluster={"executor": "local"},
+        validation={"samples": 0},
+    )
+    run(config, live=False)
+    for mine, theirs in zip(ResultStore.open(str(tmp_path / "s.zarr"), mode="r").arrays(),
+                            ResultStore.open(str(finished_store), mode="r").arrays()):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_custom_objects_are_imported_by_name(tmp_path):
+    inp = keras.Input((64,))
+    out = keras.layers.Dense(10, name="logits")(Scale()(keras.layers.Dense(8, name="hidden")(inp)))
+    keras.Model(inp, out).save(tmp_path / "c.keras")
+    model = {"source": "keras_file", "path": str(tmp_path / "c.keras")}
+    options = dict(target={"layer": "hidden"}, loss={"from_logits": True}, data={"source": "synthetic", "num_examples": 4})
+    with pytest.raises(BadInputError, match="cannot load model file"):
+        Job.load(tiny_config(tmp_path / "s.zarr", model=model, **options))
+    job = Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Scale"]}, **options))
+    # a layer type missing from the piecewise-linear table makes auto choose the exact engine, naming it
+    assert job.curvature.choice.name == "exact" and "(Scale)" in job.curvature.choice.reason
+    with pytest.raises(BadInputError, match="custom object 'tests.test_job:Missing' cannot be imported"):
+        Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Missing"]}, **options))
