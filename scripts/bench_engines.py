@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=1024, help="entries timed for the exact engine")
     parser.add_argument("--chunk", type=int, default=256, help="exact-engine entries vectorized per call")
     parser.add_argument("--naive", type=int, default=24, help="entries timed for the naive loop")
+    parser.add_argument("--xla", action="store_true", help="also time both engines compiled with XLA (jit_compile)")
     args = parser.parse_args()
 
     model = build_model("cifar_vgg", seed=0)
@@ -89,6 +90,22 @@ def main() -> None:
     factored_total = best_of(lambda: factored.engine.batch_diagonal(x, y, slice(0, kernel.shape[-1])), repeats=2)
     factored_per_entry = factored_total / size
 
+    if args.xla:
+        from pipeline.curvature.exact import entry_curvatures
+        from pipeline.curvature.factored import factor_columns
+
+        problem = exact.problem
+        xla_entries = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o), jit_compile=True)
+        xla_exact = best_of(lambda: [xla_entries(x, y, p_ids, o_ids).numpy() for _ in range(calls)], repeats=2)
+        factored.engine._columns = tf.function(
+            lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, False), jit_compile=True
+        )
+        xla_factored = best_of(lambda: factored.engine.batch_diagonal(x, y, slice(0, kernel.shape[-1])), repeats=2)
+        xla_lines = [
+            f"XLA exact engine, per entry:               {xla_exact / (calls * args.chunk) * 1e3:9.3f} ms  ({exact_per_entry * calls * args.chunk / xla_exact:.2f}x the speed without XLA)",
+            f"XLA factored engine, whole diagonal:       {xla_factored:9.3f} s   ({factored_total / xla_factored:.2f}x the speed without XLA)",
+        ]
+
     # the naive entries double as a correctness check of the exact engine
     check = np.array([float(naive_entry(p_ids[j] * kernel.shape[-1] + o_ids[j])) for j in range(4)])
     engine_values = exact.engine._curvatures(x, y, p_ids[:4], o_ids[:4]).numpy()
@@ -104,6 +121,8 @@ def main() -> None:
     print(f"exact engine vs compiled grad-of-grad:     {naive_per_entry / exact_per_entry:9.1f}x faster")
     print(f"factored vs exact engine:                  {exact_per_entry / factored_per_entry:9.0f}x faster")
     print(f"exact engine vs naive on 4 entries, max rel diff: {np.max(np.abs(engine_values - check) / np.abs(check)):.1e}")
+    if args.xla:
+        print("\n".join(xla_lines))
 
 
 if __name__ == "__main__":
