@@ -1,4 +1,4 @@
-"""Exception types whose class decides the command-line exit code."""
+"""Exception types whose class decides the command-line exit code (validation failures exit 3 in the CLI)."""
 
 
 class HessdiagError(Exception):
@@ -11,12 +11,6 @@ class BadInputError(HessdiagError, ValueError):
     """The config, model, data or store does not fit the request; exit code 2."""
 
     exit_code = 2
-
-
-class ValidationFailedError(HessdiagError):
-    """Finite-difference validation rejected the computed result; exit code 3."""
-
-    exit_code = 3
 
 
 class NonFiniteLossError(BadInputError):
