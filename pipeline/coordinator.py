@@ -64,7 +64,7 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultS
     url, options = config.output, config.storage_options
     attrs = {
         "config_fingerprint": config.fingerprint(),
-        "model_fingerprint": job.fingerprint(),
+        "model_fingerprint": job.model_fingerprint,
         "config": _recorded_config(config),
         "shard_size": plan.shard_size,
         "shards": len(plan.shards),
@@ -130,7 +130,7 @@ def run(config: Config, *, overwrite: bool = False, live: bool | None = None, lo
             executor = make_executor(config, say, run_id=token[:8])
             try:
                 for identity in executor.identities:
-                    if identity["model_fingerprint"] != job.fingerprint():
+                    if identity["model_fingerprint"] != job.model_fingerprint:
                         raise BadInputError(f"worker {identity['host']}:{identity['pid']} built a different model; check model.seed/weights")
 
                 def on_done(shard, record):

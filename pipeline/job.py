@@ -6,6 +6,7 @@ touched, so bad input writes nothing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import keras
@@ -54,6 +55,8 @@ class Job:
         )
         classes = int(np.prod(model.outputs[0].shape[1:]))
         x, y = load_data(config.data, tuple(model.inputs[0].shape[1:]), classes, curvature.loss)
+        if len(x) == 0:
+            raise BadInputError("the data set is empty")
         curvature.check_data(x, y)
         return cls(config=config, model=model, x=x, y=y, curvature=curvature)
 
@@ -68,7 +71,9 @@ class Job:
     def plan(self) -> Plan:
         return plan_shards(self.weight_shape, self.config.compute.shard_size)
 
-    def fingerprint(self) -> str:
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """Hash of the architecture and all weights; computed once (it reads every weight)."""
         return model_fingerprint(self.model)
 
     def mean_loss(self) -> float:
@@ -87,8 +92,6 @@ class Job:
     def describe(self) -> dict:
         """Facts about the inputs, recorded in the store."""
         target = self.curvature.target
-        if len(self.x) == 0:
-            raise BadInputError("the data set is empty")
         return {
             "model": self.model.name,
             "target_layer": target.layer.name,

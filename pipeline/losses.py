@@ -69,7 +69,6 @@ class Loss:
         factor = tf.linalg.diag(root) - probs[:, :, None] * root[:, None, :]
         return tf.sqrt(label_mass) * factor
 
-
     def sampled_factor(self, logits: tf.Tensor, y: tf.Tensor, samples: int, seed: int) -> tf.Tensor:
         """Random R (N, C, samples) with E[R Rᵀ] = S Sᵀ: the Monte-Carlo factor of the loss Hessian.
 

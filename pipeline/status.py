@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.plan import plan_shards
 from pipeline.store import ResultStore, lock_is_stale
 
 
 def store_status(store: ResultStore) -> dict[str, Any]:
     """A JSON-ready summary; checksums of recorded shards are verified."""
     attrs = store.attrs
-    plan = plan_shards(tuple(attrs["weight_shape"]), int(attrs["shard_size"]))
+    plan = store.plan
     done, corrupt, missing = store.verify(plan)
     manifest = store.manifest()
     seconds = [float(manifest[s.index].get("seconds", 0.0)) for s in done]

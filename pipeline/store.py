@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import BadInputError
-from pipeline.plan import Plan, Shard
+from pipeline.plan import Plan, Shard, plan_shards
 
 ARRAYS = ("gradient", "hessian_diagonal")
 CONV_DIMS = ("kh", "kw", "in_channel", "out_channel")
@@ -138,6 +138,12 @@ class ResultStore:
 
     def update_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
+
+    @property
+    def plan(self) -> Plan:
+        """The shards this store was created for, from its own attributes."""
+        attrs = self.group.attrs
+        return plan_shards(tuple(attrs["weight_shape"]), int(attrs["shard_size"]))
 
     # shards ------------------------------------------------------------------
     def write_shard(self, shard: Shard, gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:

@@ -61,7 +61,7 @@ class ShardWorker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "gpus": self.gpus,
-            "model_fingerprint": self.job.fingerprint(),
+            "model_fingerprint": self.job.model_fingerprint,
         }
 
     def run_shard(self, shard: Shard) -> dict:

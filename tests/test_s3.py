@@ -112,7 +112,6 @@ def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
     assert status["corrupt"] == [6] and status["complete"] is False
     result = run(full, live=False)
     assert result.computed == [6] and result.passed
-    _, corrupt, missing = ResultStore.open(full.output, options, mode="r").verify(
-        __import__("pipeline.plan", fromlist=["plan_shards"]).plan_shards((3, 3, 32, 64), 4)
-    )
+    store = ResultStore.open(full.output, options, mode="r")
+    _, corrupt, missing = store.verify(store.plan)
     assert not corrupt and not missing

@@ -101,7 +101,7 @@ class FactoredEngine:
         self._columns = tf.function(
             lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax)
         )
-        self._patches = tf.function(lambda x: target.patches(target.layer_input(x)))
+        self._patches = tf.function(target.input_patches)
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
 

@@ -18,13 +18,12 @@ from pipeline.curvature.exact import ExactEngine
 from pipeline.curvature.factored import FactoredEngine
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
-from pipeline.curvature.suffix import check_suffix
+from pipeline.curvature.suffix import SuffixCheck, check_suffix
 from pipeline.curvature.target import as_kernel, channel_slice, resolve_target
 from pipeline.errors import BadInputError, NonFiniteLossError
 from pipeline.losses import check_labels, get_loss
 
 ENGINES = ("auto", "exact", "factored", "hutchinson", "monte_carlo")
-EXACT_ENGINES = ("exact", "factored")
 
 
 class Derivatives(NamedTuple):
@@ -43,11 +42,10 @@ class EngineChoice:
     exact: bool
 
 
-def choose_engine(requested: str, problem: Problem) -> EngineChoice:
-    """Resolve ``auto`` and refuse ``factored`` where it would not be exact."""
+def choose_engine(requested: str, check: SuffixCheck) -> EngineChoice:
+    """Resolve ``auto`` and refuse ``factored`` where it would not be exact, given the suffix ``check``."""
     if requested not in ENGINES:
         raise BadInputError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
-    check = check_suffix(problem.target, problem.loss)
     if requested == "factored" and not check.piecewise_linear:
         raise BadInputError(f"engine 'factored' would not be exact: {check.reason}; use 'exact' or 'auto'")
     if requested == "monte_carlo":
@@ -94,14 +92,14 @@ class LayerCurvature:
         self.target = resolve_target(model, layer, weight)
         self.loss = get_loss(loss, from_logits)
         self.problem = Problem(self.target, self.loss)
-        self.choice = choose_engine(engine, self.problem)
+        check = check_suffix(self.target, self.loss)
+        self.choice = choose_engine(engine, check)
         if self.choice.name == "exact":
             self.engine = ExactEngine(self.problem, chunk_size)
         elif self.choice.name == "factored":
-            self.engine = FactoredEngine(self.problem, check_suffix(self.target, self.loss).peel_softmax, column_chunk)
+            self.engine = FactoredEngine(self.problem, check.peel_softmax, column_chunk)
         elif self.choice.name == "monte_carlo":
-            peel = check_suffix(self.target, self.loss).peel_softmax
-            self.engine = MonteCarloFactorEngine(self.problem, peel, samples=samples, seed=seed)
+            self.engine = MonteCarloFactorEngine(self.problem, check.peel_softmax, samples=samples, seed=seed)
         else:
             self.engine = HutchinsonEngine(self.problem, probes=probes, seed=seed)
         self._gradient = tf.function(lambda x, y, start, stop: self.problem.batch_gradient(x, y, slice(start, stop)))

@@ -24,6 +24,13 @@ from pipeline.curvature.factored import dense_products, factor_columns
 from pipeline.curvature.problem import Problem
 
 
+def mean_and_stderr(estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the first axis of independent estimates, and its standard error."""
+    if len(estimates) < 2:
+        return estimates.mean(axis=0), np.full_like(estimates[0], np.inf)
+    return estimates.mean(axis=0), estimates.std(axis=0, ddof=1) / np.sqrt(len(estimates))
+
+
 def rademacher_probe(seed: int, probe: int, shape) -> tf.Tensor:
     """Probe ``probe`` for the whole weight: the same entries for every shard and worker."""
     bits = tf.random.stateless_uniform(shape, seed=[seed, probe], minval=0, maxval=2, dtype=tf.int32)
@@ -78,9 +85,7 @@ class HutchinsonEngine:
             for x, y in batches:
                 total += self._products(x, y, probes, *bounds).numpy()
             estimates.append(total)
-        stacked = np.concatenate(estimates, axis=0)
-        stderr = stacked.std(axis=0, ddof=1) / np.sqrt(len(stacked)) if len(stacked) > 1 else np.full_like(stacked[0], np.inf)
-        return stacked.mean(axis=0), stderr
+        return mean_and_stderr(np.concatenate(estimates, axis=0))
 
 
 class MonteCarloFactorEngine:
@@ -92,7 +97,7 @@ class MonteCarloFactorEngine:
     def __init__(self, problem: Problem, peel_softmax: bool, samples: int = 16, seed: int = 0):
         self.problem = problem
         self.samples = samples
-        target = problem.target
+        self.seed = seed
 
         def columns(x, y, batch_seed, start, stop):
             def sampled(logits, labels):
@@ -101,9 +106,8 @@ class MonteCarloFactorEngine:
             ids = tf.range(samples)
             return factor_columns(problem, x, y, ids, start, stop, peel_softmax, sampled)
 
-        self.seed = seed
         self._columns = tf.function(columns)
-        self._patches = tf.function(lambda x: target.patches(target.layer_input(x)))
+        self._patches = tf.function(problem.target.input_patches)
         self._products = tf.function(dense_products)
 
     def diagonal_sum(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +119,4 @@ class MonteCarloFactorEngine:
             patches = self._patches(x)
             parts = np.stack([self._products(patches, columns[m : m + 1]).numpy() for m in range(self.samples)])
             per_sample = parts if per_sample is None else per_sample + parts
-        estimates = per_sample * self.samples  # each sample alone is an unbiased estimate
-        stderr = estimates.std(axis=0, ddof=1) / np.sqrt(self.samples)
-        return estimates.mean(axis=0), stderr
+        return mean_and_stderr(per_sample * self.samples)  # each sample alone is an unbiased estimate

@@ -79,6 +79,10 @@ class Target:
         )
         return tf.reshape(patches, (tf.shape(a)[0], -1, patches.shape[-1]))
 
+    def input_patches(self, x: tf.Tensor) -> tf.Tensor:
+        """``patches`` of the layer input for model input ``x`` (runs only the prefix)."""
+        return self.patches(self.layer_input(x))
+
     def flat_output(self, z_like: tf.Tensor) -> tf.Tensor:
         """(N, S, C) view of a tensor shaped like z."""
         return tf.reshape(z_like, (tf.shape(z_like)[0], -1, z_like.shape[-1]))
