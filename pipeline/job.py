@@ -104,8 +104,14 @@ class Job:
             "engine": self.curvature.choice.name,
             "engine_reason": self.curvature.choice.reason,
             "exact": self.curvature.choice.exact,
+            **self._second_order_facts(),
             **self._estimator_facts(),
         }
+
+    def _second_order_facts(self) -> dict:
+        """Which second-order rules the engine evaluates through, and which layers were audited at load."""
+        check = self.curvature.second_order
+        return {} if check is None else {"second_order_rules": list(check.rules), "audited_layers": list(check.audited)}
 
     def _estimator_facts(self) -> dict:
         """Sample count of a stochastic engine; each shard's manifest entry adds its largest standard error."""

@@ -18,12 +18,14 @@ from pipeline.curvature.exact import ExactEngine
 from pipeline.curvature.factored import FactoredEngine
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
+from pipeline.curvature.second_order import check_second_order, rule_layers
 from pipeline.curvature.suffix import SuffixCheck, check_suffix
 from pipeline.curvature.target import as_kernel, channel_slice, resolve_target
 from pipeline.errors import BadInputError, NonFiniteLossError
 from pipeline.losses import check_labels, get_loss
 
 ENGINES = ("auto", "exact", "factored", "hutchinson", "monte_carlo")
+SECOND_ORDER_ENGINES = ("exact", "hutchinson")
 
 
 class Derivatives(NamedTuple):
@@ -91,9 +93,11 @@ class LayerCurvature:
     ):
         self.target = resolve_target(model, layer, weight)
         self.loss = get_loss(loss, from_logits)
-        self.problem = Problem(self.target, self.loss)
         check = check_suffix(self.target, self.loss)
         self.choice = choose_engine(engine, check)
+        # Engines that take Hessian-vector products need verified second derivatives after the target.
+        self.second_order = check_second_order(self.target) if self.choice.name in SECOND_ORDER_ENGINES else None
+        self.problem = Problem(self.target, self.loss, rule_layers(self.target))
         if self.choice.name == "exact":
             self.engine = ExactEngine(self.problem, chunk_size)
         elif self.choice.name == "factored":

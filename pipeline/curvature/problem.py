@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from pipeline.curvature.layer_rules import second_order_rules
 from pipeline.curvature.target import Target
 from pipeline.losses import Loss
 
@@ -62,10 +63,15 @@ class Problem:
 
     target: Target
     loss: Loss
+    rule_layers: tuple = ()
 
     def outputs(self, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
-        """Model output with the target layer's z replaced by z + delta."""
-        with self.target.perturbed(lambda z: delta):
+        """Model output with the target layer's z replaced by z + delta.
+
+        ``rule_layers`` evaluate through their second-order rules: the same values,
+        autodiff that is exact to second order.
+        """
+        with self.target.perturbed(lambda z: delta), second_order_rules(self.rule_layers):
             return self.target.model(x, training=False)
 
     def loss_sum(self, x: tf.Tensor, y: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:

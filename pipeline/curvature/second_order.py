@@ -1,0 +1,126 @@
+"""Which layers after the target have trustworthy second derivatives, and which need a rule.
+
+Engines that take Hessian-vector products (exact, hutchinson) differentiate the
+suffix twice. Every Keras layer type and activation there must be verified by
+the audit table (``audit_table.json``, with its rule where it needs one). A
+layer type or activation function the table does not know (a custom layer) is
+audited on the spot, on a float64 copy of that very layer. Anything that fails
+is refused before any compute, naming the layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.curvature.audit import AuditResult, audit_function, load_table
+from pipeline.curvature.layer_rules import activation_name, rule_for, second_order_rules
+from pipeline.curvature.suffix import suffix_layers
+from pipeline.curvature.target import Target
+from pipeline.errors import BadInputError
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    return load_table()
+
+
+def _is_keras_class(layer) -> bool:
+    return getattr(keras.layers, type(layer).__name__, None) is type(layer)
+
+
+def _is_keras_activation(name: str, fn) -> bool:
+    return getattr(keras.activations, name, None) is fn
+
+
+def flatten_layers(layers) -> list[keras.layers.Layer]:
+    """Layers with nested models replaced by their own layers, recursively."""
+    found = []
+    for layer in layers:
+        if isinstance(layer, keras.Model):
+            found += flatten_layers(layer.layers)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            found.append(layer)
+    return found
+
+
+def audit_layer_instance(layer: keras.layers.Layer) -> AuditResult:
+    """Audit a float64 copy of ``layer`` (same config and weights), called as the model calls it."""
+    label = f"{layer.name} ({type(layer).__name__})"
+    try:
+        node = layer._inbound_nodes[0]
+        tensors = node.arguments.keras_tensors
+        shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
+        clone = type(layer).from_config({**layer.get_config(), "dtype": "float64"})
+
+        def call(xs):
+            args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(tensors, xs)})
+            with second_order_rules([clone]):
+                return clone(*args, **kwargs)
+
+        call([tf.zeros((1, *s), tf.float64) for s in shapes])
+        clone.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
+    except Exception as exc:  # noqa: BLE001 - a layer we cannot copy in float64 cannot be verified
+        return AuditResult(label, False, float("inf"), 0, f"cannot be audited in float64 ({type(exc).__name__}: {exc})"[:300])
+    return audit_function(call, shapes, label)
+
+
+def audit_activation(name: str, fn) -> AuditResult:
+    return audit_function(lambda xs: fn(xs[0]), [(6,)], f"activation {name!r}")
+
+
+@dataclass(frozen=True)
+class SecondOrderCheck:
+    """The layers to evaluate under their rules, what the rules are, and what was audited on the spot."""
+
+    rule_layers: tuple[keras.layers.Layer, ...]
+    rules: tuple[str, ...]
+    audited: tuple[str, ...]
+
+
+def rule_layers(target: Target) -> tuple[keras.layers.Layer, ...]:
+    """The target and every layer after it (nested models flattened): the layers that rules may patch."""
+    return (target.layer, *flatten_layers(suffix_layers(target)))
+
+
+def _refuse(layer, what: str, result: AuditResult) -> None:
+    raise BadInputError(
+        f"layer {layer.name!r} ({type(layer).__name__}): {what} has second derivatives that TensorFlow gets wrong"
+        f" and no rule fixes ({result.detail or f'relative error {result.max_rel_error:.2e}'});"
+        " engines 'exact' and 'hutchinson' would be wrong here. Use engine 'factored' if the suffix is piecewise linear."
+    )
+
+
+def check_second_order(target: Target) -> SecondOrderCheck:
+    """Verify every layer and activation after the target; raise BadInputError naming the first that fails."""
+    table = _table()
+    layers = rule_layers(target)
+    audited = []
+    for layer in layers:
+        if layer is not target.layer:
+            entry = table["layers"].get(type(layer).__name__) if _is_keras_class(layer) else None
+            if entry is None:
+                result = audit_layer_instance(layer)
+                audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
+                if not result.passed:
+                    _refuse(layer, "this layer", result)
+            elif not entry["verified"]:
+                _refuse(layer, "this layer type", AuditResult(type(layer).__name__, False, float("inf"), 0, "failed the audit"))
+        name = activation_name(layer)
+        if name is None:
+            continue
+        entry = table["activations"].get(name) if _is_keras_activation(name, layer.activation) else None
+        if entry is None:
+            result = audit_activation(name, layer.activation)
+            audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
+            if not result.passed:
+                _refuse(layer, f"activation {name!r}", result)
+        elif not entry["verified"]:
+            _refuse(layer, f"activation {name!r}", AuditResult(name, False, float("inf"), 0, "failed the audit"))
+    rules = tuple(f"{layer.name}: {rule}" for layer in layers if (rule := rule_for(layer)))
+    return SecondOrderCheck(rule_layers=layers, rules=rules, audited=tuple(audited))
+
