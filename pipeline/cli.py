@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from typing import List, Optional
@@ -12,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import BadInputError, HessdiagError
+from pipeline.errors import BadInputError, HessdiagError, Interrupted
+from pipeline.ray_auth import use_available_token
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of one parameter tensor.")
 console = Console(soft_wrap=True)
@@ -181,7 +183,11 @@ def submit(
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other)."""
     try:
+        use_available_token()  # before Ray is imported: Ray reads its auth mode once
         code = app(args=argv, standalone_mode=False)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
     except HessdiagError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -192,7 +198,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(1)
-    except Exception:  # noqa: BLE001 - anything unexpected: show it, exit 1
-        traceback.print_exc()
+    except Exception as exc:  # noqa: BLE001 - anything unexpected: one line, exit 1 (HESSDIAG_DEBUG=1 shows the traceback)
+        if os.environ.get("HESSDIAG_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        print(f"error: {type(exc).__name__}: {first} (set HESSDIAG_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

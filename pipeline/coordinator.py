@@ -7,13 +7,15 @@ chunks were written and verified; corrupt shards are forgotten and rerun.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline import __version__
 from pipeline.config import Config
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, Interrupted
 from pipeline.executors import make_executor
 from pipeline.job import Job
 from pipeline.plan import Plan
@@ -100,8 +102,42 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultS
     return ResultStore.create(url, options, plan, attrs)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM and Ctrl-C raise ``Interrupted`` in the coordinator; returns the handlers they replace.
+
+    Called again after Ray starts, because ``ray.init`` installs its own SIGTERM handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+
+
+def restore_handlers(saved: dict) -> None:
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:
-    """Start or resume the run described by ``config``; returns after validation."""
+    """Start or resume the run described by ``config``; returns after validation.
+
+    SIGTERM or Ctrl-C stop handing out shards, release the lock and raise ``Interrupted``
+    saying how many shards are done; rerunning resumes.
+    """
+    saved_handlers = install_stop_handlers()
+    try:
+        return _run(config, overwrite, live, log)
+    finally:
+        restore_handlers(saved_handlers)
+
+
+def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str], None] | None) -> RunResult:
     started = time.time()
     check_writable(config.output, config.storage_options)
     if config.cluster.executor == "local":
@@ -128,6 +164,7 @@ def run(config: Config, *, overwrite: bool = False, live: bool | None = None, lo
                            recomputed_corrupt=[s.index for s in corrupt])
         if todo:
             executor = make_executor(config, say, run_id=token[:8])
+            install_stop_handlers()
             try:
                 for identity in executor.identities:
                     if identity["model_fingerprint"] != job.model_fingerprint:
@@ -143,6 +180,10 @@ def run(config: Config, *, overwrite: bool = False, live: bool | None = None, lo
                     progress.shard_retry(shard.name, reason, attempt)
 
                 executor.execute(todo, on_done, on_retry, lambda: store.heartbeat(token))
+            except Interrupted as exc:
+                finished = len(plan.shards) - len(todo) + len(result.computed)
+                raise Interrupted(exc.signum, f"interrupted; {finished} of {len(plan.shards)} units done;"
+                                  " rerun the same command to resume") from None
             finally:
                 executor.close()
         progress.close()

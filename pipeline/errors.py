@@ -15,3 +15,12 @@ class BadInputError(HessdiagError, ValueError):
 
 class NonFiniteLossError(BadInputError):
     """The loss (or its derivatives) is NaN or infinite at the given weights."""
+
+
+class Interrupted(HessdiagError):
+    """SIGTERM or Ctrl-C stopped the run between units; exit code 128 + the signal number (143, 130)."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        super().__init__(message or f"interrupted by signal {signum}")
+        self.signum = signum
+        self.exit_code = 128 + signum

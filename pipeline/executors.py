@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import uuid
 from collections import deque
 from typing import Callable
@@ -15,8 +16,10 @@ from typing import Callable
 from pipeline.config import Config
 from pipeline.errors import HessdiagError
 from pipeline.plan import Shard
+from pipeline.ray_auth import use_available_token
 from pipeline.worker import ShardWorker
 
+HEARTBEAT_SECONDS = 10.0
 OnDone = Callable[[Shard, dict], None]
 OnRetry = Callable[[Shard, str, int], None]
 
@@ -48,6 +51,7 @@ class RayExecutor:
     """A dynamic queue over Ray actors: a free actor takes the next shard; dead actors are replaced."""
 
     def __init__(self, config: Config, log: Callable[[str], None], run_id: str | None = None):
+        use_available_token()
         import ray
 
         self.config = config
@@ -55,7 +59,9 @@ class RayExecutor:
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=config.cluster.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+            # ``local`` starts a fresh Ray whatever the machine holds: plain ray.init() would join the
+            # "latest cluster" of a dead head and hang.
+            ray.init(address=config.cluster.address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         cluster = config.cluster
         gpus = cluster_gpus()
         self.gpus_per_worker = (1.0 if gpus else 0.0) if cluster.gpus_per_worker == "auto" else float(cluster.gpus_per_worker)
@@ -108,9 +114,13 @@ class RayExecutor:
             starting[self.actors[slot].identity.remote()] = slot
 
         submit()
+        last_beat = time.monotonic()
         while tasks or (queue and starting):
-            ready, _ = ray.wait(list(tasks) + list(starting), num_returns=1, timeout=10.0)
-            heartbeat()
+            # short waits keep SIGTERM and Ctrl-C responsive; the lock's heartbeat is written every 10 s
+            ready, _ = ray.wait(list(tasks) + list(starting), num_returns=1, timeout=1.0)
+            if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                heartbeat()
+                last_beat = time.monotonic()
             if not ready:
                 continue
             ref = ready[0]

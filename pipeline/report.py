@@ -8,6 +8,7 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -29,7 +30,7 @@ def _per_channel_pairs(diagonal: np.ndarray) -> np.ndarray:
     return np.nansum(diagonal.reshape(-1, diagonal.shape[-2], diagonal.shape[-1]), axis=0)
 
 
-def _heatmap(diagonal, title, path):
+def _heatmap(diagonal, title) -> plt.Figure:
     pairs = _per_channel_pairs(diagonal)
     fig, ax = plt.subplots(figsize=(7, 5.5))
     zero = pairs == 0
@@ -37,17 +38,15 @@ def _heatmap(diagonal, title, path):
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     image = ax.imshow(magnitude, aspect="auto", cmap=cmap, origin="lower", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="log10 |sum of d²L/dW² over kernel positions| (loss / weight²)")
-    if zero.any():
-        ax.text(0.01, 1.01, f"gray: exactly zero ({int(zero.sum())} pairs, e.g. dead ReLU channels)", transform=ax.transAxes, fontsize=8)
-    ax.set_xlabel("output channel")
+    note = f"\ngray: exactly zero ({int(zero.sum())} pairs, e.g. dead ReLU channels)" if zero.any() else ""
+    ax.set_xlabel(f"output channel{note}")
     ax.set_ylabel("input channel" if diagonal.ndim > 2 else "input feature")
     ax.set_title(f"Hessian diagonal per (input, output) channel\n{title}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _channel_trace(diagonal, title, path):
+def _channel_trace(diagonal, title) -> plt.Figure:
     trace = np.nansum(diagonal.reshape(-1, diagonal.shape[-1]), axis=0)
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.bar(np.arange(len(trace)), trace, width=1.0, color="tab:blue")
@@ -55,11 +54,10 @@ def _channel_trace(diagonal, title, path):
     ax.set_ylabel("trace of diagonal block (loss / weight²)")
     ax.set_title(f"Per-output-channel trace of the Hessian diagonal\n{title}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _histogram(values, xlabel, title, path, log_magnitude):
+def _histogram(values, xlabel, title, log_magnitude) -> plt.Figure:
     data = _finite(values).ravel()
     if log_magnitude:
         zeros = int(np.sum(data == 0))
@@ -72,44 +70,48 @@ def _histogram(values, xlabel, title, path, log_magnitude):
     ax.set_yscale("log")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _validation_scatter(validation, path):
+ERROR_FLOOR = 1e-17
+
+
+def _validation_scatter(validation) -> plt.Figure:
+    """Relative error of each sampled entry against the magnitude of its finite difference, on log axes,
+    with the tolerance as a band: an entry passes below rtol + atol / |value|."""
     entries = validation.get("entries", [])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     rtol, atol = validation.get("rtol", 0.0), validation.get("atol", 0.0)
     for ax, key, units in ((axes[0], "hessian_diagonal", UNITS_DIAG), (axes[1], "gradient", UNITS_GRAD)):
-        fd = np.array([e[f"{key}_fd"] for e in entries])
-        got = np.array([e[key] for e in entries])
+        fd = np.array([e[f"{key}_fd"] for e in entries], float)
+        got = np.array([e[key] for e in entries], float)
         smooth = np.array([e.get("smooth", True) for e in entries], bool)
-        if smooth.any():
-            lo, hi = min(fd[smooth].min(), got[smooth].min()), max(fd[smooth].max(), got[smooth].max())
-            span = np.linspace(lo, hi, 400)
-            band = rtol * np.abs(span) + atol
-            ax.fill_between(span, span - band, span + band, color="tab:orange", alpha=0.3, label=f"tolerance (rtol {rtol:g}, atol {atol:g})")
-            ax.plot(span, span, color="tab:orange", lw=1)
-            ax.scatter(fd[smooth], got[smooth], s=18, label="sampled entry", zorder=3)
-            nonzero = np.abs(np.concatenate([fd[smooth], got[smooth]]))
-            nonzero = nonzero[nonzero > 0]
-            if len(nonzero):
-                threshold = float(nonzero.min())
-                ax.set_xscale("symlog", linthresh=threshold)
-                ax.set_yscale("symlog", linthresh=threshold)
-            margin = 0.1 * (hi - lo) + 1e-300
-            ax.set_xlim(lo - margin, hi + margin)
-            ax.set_ylim(lo - margin, hi + margin)
-            if (~smooth).any():
-                ax.text(0.02, 0.02, f"{int((~smooth).sum())} entries at a kink not shown (not counted)", transform=ax.transAxes, fontsize=8, color="tab:red")
-        ax.set_xlabel(f"float64 finite difference, {units}")
-        ax.set_ylabel(f"stored value, {units}")
+        magnitude = np.abs(fd[smooth])
+        shown = magnitude > 0
+        if shown.any():
+            error = np.maximum(np.abs(got[smooth] - fd[smooth])[shown] / magnitude[shown], ERROR_FLOOR)
+            lo, hi = magnitude[shown].min() / 3, magnitude[shown].max() * 3
+            span = np.geomspace(lo, hi, 200)
+            ax.fill_between(span, ERROR_FLOOR, rtol + atol / span, color="tab:orange", alpha=0.3,
+                            label=f"within tolerance (rtol {rtol:g}, atol {atol:g})")
+            ax.scatter(magnitude[shown], error, s=18, label="sampled entry", zorder=3)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # a few labelled decades, however many the data span
+                axis.set_major_locator(matplotlib.ticker.LogLocator(numticks=5))
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(ERROR_FLOOR, max(10 * rtol, error.max() * 10, 1e-12))
+            ax.legend(fontsize=8, loc="upper right")
+        skipped = int((~smooth).sum()) + int((~shown).sum())
+        if skipped:
+            ax.text(0.02, 0.02, f"{skipped} entries at a kink or exactly zero not shown", transform=ax.transAxes, fontsize=8, color="tab:red")
+        ax.set_xlabel(f"|float64 finite difference|, {units}")
+        ax.set_ylabel("relative error of the stored value")
         ax.set_title(key.replace("_", " "))
-        ax.legend(fontsize=8)
     fig.suptitle(f"Validation: {validation.get('samples', 0)} sampled entries, passed = {validation.get('passed')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _fmt(value, spec=".3e"):
@@ -160,14 +162,26 @@ def _markdown(attrs, status, validation, plots) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figures(store: ResultStore) -> list[plt.Figure]:
+    """The report's figures, in the order of ``write_report``'s plots."""
+    attrs = store.attrs
+    gradient, diagonal = store.arrays()
+    title = f"{attrs.get('model')}/{attrs.get('target_layer')} {tuple(attrs.get('weight_shape', []))}, engine {attrs.get('engine')}"
+    return [
+        _heatmap(diagonal, title),
+        _channel_trace(diagonal, title),
+        _histogram(diagonal, "log10 |d²L/dW²| (loss / weight²)", f"Hessian diagonal magnitudes\n{title}", True),
+        _histogram(gradient, UNITS_GRAD, f"Gradient values\n{title}", False),
+        _validation_scatter(attrs.get("validation") or {}),
+    ]
+
+
 def write_report(store: ResultStore, out_dir: str) -> list[str]:
     """Write the plots and report.md into ``out_dir``; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     attrs = store.attrs
     status = store_status(store)
-    gradient, diagonal = store.arrays()
     validation = attrs.get("validation") or {}
-    title = f"{attrs.get('model')}/{attrs.get('target_layer')} {tuple(attrs.get('weight_shape', []))}, engine {attrs.get('engine')}"
     plots = [
         ("Hessian diagonal heat map", os.path.join(out_dir, "diagonal_heatmap.png")),
         ("Per-output-channel trace", os.path.join(out_dir, "channel_trace.png")),
@@ -175,11 +189,9 @@ def write_report(store: ResultStore, out_dir: str) -> list[str]:
         ("Histogram of the gradient", os.path.join(out_dir, "gradient_histogram.png")),
         ("Finite-difference validation", os.path.join(out_dir, "validation_scatter.png")),
     ]
-    _heatmap(diagonal, title, plots[0][1])
-    _channel_trace(diagonal, title, plots[1][1])
-    _histogram(diagonal, "log10 |d²L/dW²| (loss / weight²)", f"Hessian diagonal magnitudes\n{title}", plots[2][1], True)
-    _histogram(gradient, UNITS_GRAD, f"Gradient values\n{title}", plots[3][1], False)
-    _validation_scatter(validation, plots[4][1])
+    for (_, path), fig in zip(plots, figures(store)):
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as handle:
         handle.write(_markdown(attrs, status, validation, plots))

@@ -8,6 +8,7 @@ Equivalent command line (from a directory holding the config):
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import shutil
@@ -15,9 +16,11 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline.config import load_config
+from pipeline.errors import BadInputError
+from pipeline.ray_auth import auth_headers, missing_token_error
 
 CONFIG_NAME = "hessdiag_config.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -33,8 +36,13 @@ def project_requirements() -> list[str]:
 
 
 def job_spec(config_path: str, overrides: list[str], pip: bool) -> tuple[str, dict, str]:
-    """(entrypoint, runtime_env, staging dir) for a config; the config is checked locally first."""
-    load_config(config_path, overrides)  # malformed configs fail here, before anything is submitted
+    """(entrypoint, runtime_env, staging dir) for a config; the config is checked locally first.
+
+    Inside a job, ``cluster.address: null`` would start a second Ray on the head: the job joins its cluster.
+    """
+    config = load_config(config_path, overrides)  # malformed configs fail here, before anything is submitted
+    if config.cluster.address is None:
+        overrides = [*overrides, "cluster.address=auto"]
     staging = tempfile.mkdtemp(prefix="hessdiag-job-")
     shutil.copy(config_path, Path(staging) / CONFIG_NAME)
     runtime_env = {
@@ -81,20 +89,48 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
 
     entrypoint, runtime_env, staging = job_spec(config_path, overrides, pip)
     try:
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "hessdiag"})
+        with jobs_api_errors(address):
+            client = jobs_client(address)
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "hessdiag"})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print_(f"submitted job {job_id} to {address}: {entrypoint}")
     print_(f"follow it with: hessdiag status {job_id} --address {address}")
-    return follow_job(client, job_id, print_) if follow else 0
+    if not follow:
+        return 0
+    with jobs_api_errors(address):
+        return follow_job(client, job_id, print_)
+
+
+def jobs_client(address: str):
+    """A Jobs API client that authenticates with the cluster's token when one is available."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=auth_headers())
+
+
+@contextlib.contextmanager
+def jobs_api_errors(address: str) -> Iterator[None]:
+    """Turn the Jobs API's failures into one clear line (exit 2) instead of a traceback."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError:
+        raise missing_token_error(address) from None
+    except ConnectionError as exc:
+        raise BadInputError(f"cannot reach the Ray dashboard at {address}: {str(exc).splitlines()[0][:200]}") from None
+    except RuntimeError as exc:
+        raise BadInputError(f"the Ray Jobs API at {address} refused the request: {str(exc).splitlines()[0][:300]}") from None
 
 
 def job_status(job_id: str, address: str) -> dict:
     """Status, message and the last log lines of a submitted job."""
-    from ray.job_submission import JobSubmissionClient
+    with jobs_api_errors(address):
+        return _job_status(jobs_client(address), job_id)
 
-    client = JobSubmissionClient(address)
+
+def _job_status(client, job_id: str) -> dict:
     info = client.get_job_info(job_id)
     status = str(getattr(info.status, "value", info.status))
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,9 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_env() -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+def cluster_env(token_path: str | None = None) -> dict:
+    """This environment with the venv on PATH; ``token_path`` makes the Ray auth token available by Ray's own means."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    if token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = token_path
     return env
 
 
@@ -87,12 +91,24 @@ def kill_driver_when(process: subprocess.Popen, ready, timeout: float = 240, pol
 
 @dataclass
 class LocalCluster:
-    """A head and worker nodes, each in its own process group so each can be killed alone."""
+    """A head and worker nodes, each in its own process group so each can be killed alone.
+
+    Started as a user would, with Ray's defaults: a token is available (RAY_AUTH_TOKEN_PATH), so Ray turns
+    token authentication on; nothing sets RAY_AUTH_MODE.
+    """
 
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="hdray-"))
     groups: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.token_path = os.path.join(self.temp_dir, "auth_token")
+        Path(self.token_path).write_text(secrets.token_hex(32))
+
+    @property
+    def env(self) -> dict:
+        return cluster_env(self.token_path)
 
     @property
     def address(self) -> str:
@@ -102,10 +118,10 @@ class LocalCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, *args: str) -> int:
+    def _start(self, *args: str, env: dict | None = None) -> int:
         process = subprocess.Popen(
             [str(BIN / "ray"), "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
-            env=cluster_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env or self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         output, _ = process.communicate(timeout=120)
         if process.returncode != 0:
@@ -118,11 +134,12 @@ class LocalCluster:
                     f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}")
 
     def add_node(self) -> int:
-        return self._start(f"--address={self.address}")
+        """A worker node joins as Ray documents for authenticated clusters: RAY_AUTH_MODE=token on the node."""
+        return self._start(f"--address={self.address}", env={**self.env, "RAY_AUTH_MODE": "token"})
 
     def alive_nodes(self) -> int:
         code = "import ray; ray.init(address='%s'); print(sum(n['Alive'] for n in ray.nodes()))" % self.address
-        out = subprocess.run([sys.executable, "-c", code], env=cluster_env(), capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", code], env={**self.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
         return int(out.stdout.strip().splitlines()[-1])
 
     def kill_node(self, group: int) -> None:

@@ -33,7 +33,9 @@ def _bad(tmp_path, capsys, raw_or_text, *extra):
     else:
         write_config(config, raw_or_text)
     code = call("run", str(config), *extra)
-    return code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
 
 
 def test_malformed_yaml(tmp_path, capsys):

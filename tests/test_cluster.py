@@ -29,8 +29,8 @@ def cluster():
         local.stop()
 
 
-def hessdiag(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=cluster_env(), capture_output=True, text=True, timeout=timeout)
+def hessdiag(*args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def submitted(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     out = root / "s.zarr"
     config = write_config(root / "c.yaml", tiny_raw(out, data={"num_examples": 768}, validation={"samples": 4}))
-    done = hessdiag("submit", config, "--address", cluster.dashboard, "--set", "cluster.address=auto", "--follow")
+    done = hessdiag("submit", config, "--address", cluster.dashboard, "--follow", env=cluster.env)
     return done, out
 
 
@@ -53,13 +53,13 @@ def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
     pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").manifest().values()}
     assert len(pids) == 2  # one actor per node: each node has one CPU
     job_id = done.stdout.split("submitted job ")[1].split()[0]
-    status = hessdiag("status", job_id, "--address", cluster.dashboard, "--json")
+    status = hessdiag("status", job_id, "--address", cluster.dashboard, "--json", env=cluster.env)
     assert '"status": "SUCCEEDED"' in status.stdout
 
 
 def test_failing_job_reports_error_and_exit_status(cluster, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr", target={"layer": "no_such_layer"}))
-    done = hessdiag("submit", config, "--address", cluster.dashboard, "--set", "cluster.address=auto", "--follow")
+    done = hessdiag("submit", config, "--address", cluster.dashboard, "--follow", env=cluster.env)
     assert done.returncode == 2, done.stdout[-3000:]
     assert "layer 'no_such_layer' not found; layers are:" in done.stdout and "FAILED" in done.stdout
     assert not (tmp_path / "s.zarr").exists()
@@ -68,8 +68,18 @@ def test_failing_job_reports_error_and_exit_status(cluster, tmp_path):
 def test_malformed_config_is_refused_before_submission(cluster, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("output: [\n")
-    done = hessdiag("submit", str(config), "--address", cluster.dashboard)
+    done = hessdiag("submit", str(config), "--address", cluster.dashboard, env=cluster.env)
     assert done.returncode == 2 and "is not valid YAML" in done.stderr and "submitted job" not in done.stdout
+
+
+def test_submit_without_a_token_says_how_to_provide_one(cluster, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr"))
+    env = {**cluster_env(), "HOME": str(tmp_path)}  # no token anywhere Ray looks
+    for args in (("submit", config, "--address", cluster.dashboard), ("status", "raysubmit_x", "--address", cluster.dashboard)):
+        done = hessdiag(*args, env=env)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "requires an authentication token" in done.stderr and "RAY_AUTH_TOKEN_PATH" in done.stderr
+        assert "Traceback" not in done.stderr and "submitted job" not in done.stdout
 
 
 def test_node_killed_mid_run_costs_only_its_shards(submitted, cluster, tmp_path):
@@ -77,13 +87,13 @@ def test_node_killed_mid_run_costs_only_its_shards(submitted, cluster, tmp_path)
     out = tmp_path / "s.zarr"
     config = write_config(tmp_path / "c.yaml", tiny_raw(out, data={"num_examples": 768}, validation={"samples": 0}))
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config, "--set", f"cluster.address={cluster.address}"],
-                               env=cluster_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if ResultStore.exists(str(out)) and len(ResultStore.open(str(out), mode="r").manifest()) >= 1:
             break
         time.sleep(0.05)
-    assert process.poll() is None, "the run ended before the node could be killed"
+    assert process.poll() is None, "the run ended before the node could be killed: " + process.communicate()[0][-3000:]
     cluster.kill_node(cluster.worker_group)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]

@@ -65,3 +65,39 @@ def test_load_result_and_xarray_agree(finished_store):
     assert result.dims == ds["hessian_diagonal"].dims == ("kh", "kw", "in_channel", "out_channel")
     np.testing.assert_array_equal(ds["hessian_diagonal"].values, result.hessian_diagonal)
     assert result.attrs["complete"] is True
+
+
+def _text_boxes(fig):
+    """Extents of every visible, non-empty text in ``fig`` after drawing."""
+    import matplotlib.text
+
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    texts = [*fig.texts, *([fig._suptitle] if fig._suptitle else [])]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        texts += [label for axis in (ax.xaxis, ax.yaxis) for tick in axis._update_ticks() for label in (tick.label1, tick.label2)]
+        legend = ax.get_legend()
+        texts += legend.get_texts() if legend else []
+    boxes = []
+    for text in dict.fromkeys(texts):  # each artist once
+        assert isinstance(text, matplotlib.text.Text)
+        if text.get_visible() and text.get_text().strip():
+            box = text.get_window_extent(renderer)
+            if box.width > 0 and box.height > 0:
+                boxes.append((text.get_text(), box))
+    return boxes
+
+
+def test_no_text_in_any_plot_overlaps_another(finished_store):
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import figures
+
+    for fig in figures(ResultStore.open(str(finished_store), mode="r")):
+        boxes = _text_boxes(fig)
+        assert len(boxes) >= 5
+        for i, (a, box_a) in enumerate(boxes):
+            for b, box_b in boxes[i + 1 :]:
+                assert not box_a.overlaps(box_b), f"{a!r} overlaps {b!r} in {fig.texts or fig.axes[0].get_title()!r}"
+        plt.close(fig)

@@ -1,0 +1,107 @@
+"""Operating a run: signals stop it cleanly, stale Ray state is ignored, and no path shows a traceback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.coordinator import run
+from pipeline.store import ResultStore
+from tests.cluster import free_port, kill_group
+from tests.conftest import tiny_config, tiny_raw, write_config
+
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def recorded(path) -> int:
+    return len(ResultStore.open(str(path), mode="r").manifest()) if ResultStore.exists(str(path)) else 0
+
+
+def hessdiag(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    run(tiny_config(path, cluster={"executor": "local"}, validation={"samples": 0}), live=False)
+    return path
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_the_run_cleanly_and_rerun_resumes(reference, tmp_path, signum, code):
+    out = tmp_path / "s.zarr"
+    config = write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0}))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while recorded(out) < 2 and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before the signal"
+        os.kill(process.pid, signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        kill_group(process.pid)
+    assert process.returncode == code, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; ") and last.endswith(" of 16 units done; rerun the same command to resume"), last
+    done = int(last.split()[1])
+    assert "Traceback" not in err
+    opened = ResultStore.open(str(out), mode="r")
+    assert opened.lock_info() is None and len(opened.manifest()) == done >= 2
+    if signum == signal.SIGTERM:
+        result = run(tiny_config(out, validation={"samples": 0}), live=False)
+        assert len(result.skipped) == done and len(result.computed) == 16 - done
+        for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(reference), mode="r").arrays()):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+def test_stale_latest_cluster_file_does_not_stop_a_local_run(reference, tmp_path):
+    saved = RAY_CURRENT_CLUSTER.read_text() if RAY_CURRENT_CLUSTER.exists() else None
+    RAY_CURRENT_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
+    RAY_CURRENT_CLUSTER.write_text(f"127.0.0.1:{free_port()}")  # a head that died without `ray stop`
+    try:
+        out = tmp_path / "s.zarr"
+        done = hessdiag("run", write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0})), timeout=300)
+    finally:
+        if saved is None:
+            RAY_CURRENT_CLUSTER.unlink(missing_ok=True)
+        else:
+            RAY_CURRENT_CLUSTER.write_text(saved)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(reference), mode="r").arrays()):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_environment_gives_one_line_and_no_traceback(tmp_path):
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr"))
+    (tmp_path / "not_a_store").mkdir()
+    cases = [
+        (("run", str(tmp_path / "missing.yaml")), 2),
+        (("submit", config, "--address", dead), 2),
+        (("status", "raysubmit_x", "--address", dead), 2),
+        (("status", str(tmp_path / "not_a_store")), 2),
+        (("validate", str(tmp_path / "nowhere.zarr")), 2),
+        (("report", str(tmp_path / "nowhere.zarr")), 2),
+        (("status", str(tmp_path / "s.zarr"), "--storage-options", "{not json"), 2),
+    ]
+    for args, code in cases:
+        done = hessdiag(*args, timeout=120)
+        assert done.returncode == code, (args, done.returncode, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert done.stderr.strip(), args
