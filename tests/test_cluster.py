@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.store import ResultStore
 from tests.cluster import LocalCluster, cluster_env
-from tests.conftest import tiny_raw, write_config
+from pipeline.coordinator import run
+from tests.conftest import tiny_config, tiny_raw, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,10 @@ def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
     assert attrs["complete"] is True and attrs["validation"]["passed"] is True
     pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").manifest().values()}
     assert len(pids) == 2  # one actor per node: each node has one CPU
+    local = out.parent / "local.zarr"  # the same config run in this process, without Ray: the same bits
+    run(tiny_config(local, data={"num_examples": 768}, cluster={"executor": "local"}, validation={"samples": 0}), live=False)
+    for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(local), mode="r").arrays()):
+        np.testing.assert_array_equal(mine, theirs)
     job_id = done.stdout.split("submitted job ")[1].split()[0]
     status = hessdiag("status", job_id, "--address", cluster.dashboard, "--json", env=cluster.env)
     assert '"status": "SUCCEEDED"' in status.stdout
