@@ -23,7 +23,7 @@ def test_keras_file_and_npz_reproduce_the_builtin_run_bit_for_bit(finished_store
     model = build_model("digits_vgg", seed=0)
     model.save(tmp_path / "m.keras")
     reference = Job.load(tiny_config(tmp_path / "unused.zarr"))
-    np.savez(tmp_path / "d.npz", x=reference.x, y=reference.y)
+    np.savez(tmp_path / "d.npz", *(), **dict(zip("xy", reference.read(0, reference.examples))))
     config = tiny_config(
         tmp_path / "s.zarr",
         model={"source": "keras_file", "path": str(tmp_path / "m.keras"), "builder": None},
