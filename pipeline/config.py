@@ -25,7 +25,7 @@ class ModelConfig(_Section):
     """Which model to differentiate."""
 
     source: Literal["builder", "keras_file"] = Field("builder", description="`builder`: a built-in model; `keras_file`: a saved `.keras` file")
-    builder: Optional[str] = Field("digits_vgg", description="built-in model name: digits_vgg, cifar_vgg, vgg16, mlp_tanh")
+    builder: Optional[str] = Field("digits_vgg", description="built-in model name: digits_vgg, cifar_vgg, cifar_vgg100, vgg16, mlp_tanh")
     path: Optional[str] = Field(None, description="the `.keras` file when source is `keras_file`")
     weights: Optional[str] = Field(None, description="optional weights file loaded into a built-in model")
     seed: int = Field(0, description="seed of a built-in model's random weights")

@@ -116,3 +116,26 @@ def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
     store = ResultStore.open(full.output, options, mode="r")
     _, corrupt, missing = store.verify(store.plan)
     assert not corrupt and not missing
+
+
+def test_zarr_data_set_on_s3_gives_the_same_store_as_npz(s3, tmp_path):
+    import zarr
+
+    from tests.test_data_sources import _digits_arrays
+
+    _, options = s3
+    x, y = _digits_arrays()
+    group = zarr.open_group(f"s3://{BUCKET}/digits.zarr", mode="w", storage_options=options)
+    group.create_array("x", data=x, chunks=(32, 8, 8, 1))
+    group.create_array("y", data=y, chunks=(32,))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    stores = []
+    for name, data in (("remote", {"source": "zarr", "path": f"s3://{BUCKET}/digits.zarr"}),
+                       ("local", {"source": "npz", "path": str(tmp_path / "d.npz")})):
+        out = tmp_path / f"{name}.zarr"
+        config = tiny_config(out, storage_options=options, data={**data, "batch_size": 32},
+                             compute={"example_block": 32}, cluster={"executor": "local"}, validation={"samples": 0})
+        run(config, live=False)
+        stores.append(ResultStore.open(str(out), mode="r").arrays())
+    for a, b in zip(*stores):
+        np.testing.assert_array_equal(a, b)
