@@ -189,7 +189,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
             store.forget(shard)
         done_shards = {s.index for s in done}
         for group in range(len(plan.groups)):
-            if not group_complete(store, plan, group, done_shards):
+            if not group_complete(plan, group, done_shards):
                 clean_group(store, plan, group)
                 fold_group(store, plan, group)  # partials a crash left unfolded
         done_shards = {s.index for s in store.verify(plan)[0]}

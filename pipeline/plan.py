@@ -102,10 +102,6 @@ class Plan:
     def entries_per_channel(self) -> int:
         return math.prod(self.weight_shape[:-1])
 
-    def shard_result_bytes(self, shard: Shard) -> int:
-        """Bytes of one shard's gradient and diagonal in float64."""
-        return 2 * 8 * self.entries_per_channel * shard.width
-
     def shard_of_channel(self, channel: int) -> Shard:
         return self.shards[channel // self.shard_size]
 

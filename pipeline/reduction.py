@@ -30,7 +30,7 @@ def folded_blocks(store: ResultStore, group: int) -> int:
     return max(valid, default=0)
 
 
-def group_complete(store: ResultStore, plan: Plan, group: int, done_shards: set[int]) -> bool:
+def group_complete(plan: Plan, group: int, done_shards: set[int]) -> bool:
     return all(shard.index in done_shards for shard in plan.shards_of(group))
 
 
@@ -43,12 +43,14 @@ class UnitState:
 
 
 def unit_state(store: ResultStore, plan: Plan, done_shards: set[int]) -> UnitState:
-    done, todo = [], []
+    done, todo, folded = [], [], {}
     for unit in plan.units:
-        if group_complete(store, plan, unit.group, done_shards):
+        if group_complete(plan, unit.group, done_shards):
             done.append(unit)
             continue
-        finished = unit.block < folded_blocks(store, unit.group) or store.sums_valid("partials", unit.name)
+        if unit.group not in folded:
+            folded[unit.group] = folded_blocks(store, unit.group)
+        finished = unit.block < folded[unit.group] or store.sums_valid("partials", unit.name)
         (done if finished else todo).append(unit)
     return UnitState(done, todo)
 

@@ -200,11 +200,6 @@ class ResultStore:
             return {}
         return {name: dict(group.attrs) for name, group in self.group["units"].groups()}
 
-    def forget_unit_records(self, group_index: int) -> None:
-        for name in list(self.unit_records()):
-            if name.startswith(f"g{group_index:05d}-"):
-                del self.group["units"][name]
-
     # shards ------------------------------------------------------------------
     def write_shard(self, shard: Shard, gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:
         """Write a shard's chunks, read them back, and return their verified checksum."""
