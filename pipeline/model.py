@@ -72,6 +72,9 @@ def build_model(name: str, seed: int = 0, weights: str | None = None) -> keras.M
     """A built-in model with weights drawn from ``seed`` (or loaded from a weights file)."""
     if name not in BUILDERS:
         raise BadInputError(f"unknown model builder {name!r}; built-ins are: {', '.join(BUILDERS)}")
+    # fresh layer-name counters: a second build in one process gets the same auto-generated names
+    # (and so the same fingerprint) as the first build in a worker
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = BUILDERS[name]()
     if weights:

@@ -51,3 +51,10 @@ def test_custom_objects_are_imported_by_name(tmp_path):
     assert job.curvature.choice.name == "exact" and "(Scale)" in job.curvature.choice.reason
     with pytest.raises(BadInputError, match="custom object 'tests.test_job:Missing' cannot be imported"):
         Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Missing"]}, **options))
+
+
+def test_a_builder_gives_the_same_fingerprint_when_built_twice_in_one_process():
+    from pipeline.model import model_fingerprint
+
+    # keras.applications.VGG16 has auto-named layers: a second build must not get new names
+    assert model_fingerprint(build_model("vgg16", seed=0)) == model_fingerprint(build_model("vgg16", seed=0))
