@@ -61,21 +61,41 @@ def run(
 
     cfg = load_config(config, set_)
     if dry_run:
+        from pipeline.coordinator import resolve_example_block
         from pipeline.job import Job
+        from pipeline.plan import predicted_wall_seconds
+        from pipeline.progress import RunProgress
 
         job = Job.load(cfg)
-        plan = job.plan()
+        block, calibration = resolve_example_block(cfg, job, RunProgress.plain_log)
+        calibration = calibration or job.calibrate()
+        plan = job.plan(block)
+        per_example = calibration["seconds_per_example"]
+        compute = sum(unit.examples for unit in plan.units) * per_example
         console.print(
-            f"plan: {job.model.name}/{cfg.target.layer} {plan.weight_shape} = {plan.entries:,} entries, "
-            f"{len(plan.shards)} shards of {plan.shard_size} channels ({plan.shard_result_bytes(plan.shards[0]) / 2**20:.2f} MiB of results each), "
-            f"{len(job.x)} examples in batches of {cfg.data.batch_size}, engine {job.curvature.choice.name}: {job.curvature.choice.reason}"
+            f"plan: {job.model.name}/{cfg.target.layer} {plan.weight_shape} = {plan.entries:,} entries, engine"
+            f" {job.curvature.choice.name}: {job.curvature.choice.reason}\n"
+            f"units: {len(plan.units)} = {len(plan.groups)} channel group(s) of {plan.groups[0][1] - plan.groups[0][0]} channels"
+            f" x {plan.blocks} block(s) of {plan.example_block} examples ({plan.examples} examples, batches of {cfg.data.batch_size});"
+            f" stored as {len(plan.shards)} shards of {plan.shard_size} channels;"
+            f" partial sums {plan.unit_result_bytes(plan.units[0]) / 2**20:.2f} MiB per unit in flight\n"
+            f"calibration: {per_example:.3g} s per example per channel group (timed on {calibration['examples_timed']} example)\n"
+            f"predicted compute: {compute:,.0f} s in all"
         )
+        table = Table(title="predicted wall time (units only; validation not included)")
+        table.add_column("workers")
+        table.add_column("wall seconds")
+        table.add_column("speed-up")
+        for workers in (1, 2, 4, 8, 16, 64):
+            wall = predicted_wall_seconds(plan, per_example, workers)
+            table.add_row(str(workers), f"{wall:,.0f}", f"{compute / wall:.2f}x" if wall else "-")
+        console.print(table)
         return
     from pipeline.coordinator import run as run_config
 
     result = run_config(cfg, overwrite=overwrite)
     console.print(
-        f"result: {result.output}  engine: {result.engine}  shards computed: {len(result.computed)}, "
+        f"result: {result.output}  engine: {result.engine}  units computed: {len(result.computed)}, "
         f"skipped (already done): {len(result.skipped)}, retries: {result.retries}, {result.seconds:.1f} s"
     )
     console.print(_validation_table(result.validation))
@@ -90,7 +110,7 @@ def status(
     storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
     address: Optional[str] = typer.Option(None, help="Ray dashboard address: STORE is then a job id from `submit`"),
 ):
-    """Shards done/total, missing or corrupt shards, timing, engine, validation state."""
+    """Units done/total, missing or corrupt shards, timing, engine, validation state."""
     if address:
         from pipeline.submit import job_status
 
@@ -109,7 +129,9 @@ def status(
         print(json.dumps(info, indent=2))
         return
     state = "complete" if info["complete"] else ("running" if info["running"] else "incomplete")
-    console.print(f"[bold]{info['store']}[/bold]: {state}, {info['shards_done']}/{info['shards_total']} shards done")
+    console.print(f"[bold]{info['store']}[/bold]: {state}, {info['units_done']}/{info['units_total']} units done"
+                  f" ({info['channel_groups']} channel group(s) x blocks of {info['example_block']} examples),"
+                  f" {info['shards_done']}/{info['shards_total']} shards written")
     console.print(f"target {info['target']} {tuple(info['weight_shape'])}, engine {info['engine']} ({info['engine_reason']})")
     if info["missing"] or info["corrupt"]:
         console.print(f"missing shards: {info['missing']}  corrupt shards: {info['corrupt']}")
@@ -137,7 +159,7 @@ def validate(
     options = _storage_options(storage_options)
     opened = ResultStore.open(store, options)
     job = Job.load(parse_config({**opened.attrs["config"], "output": store, "storage_options": options}))
-    plan = job.plan()
+    plan = opened.plan
     _, corrupt, missing = opened.verify(plan)
     if corrupt or missing:
         console.print(f"[red]store is incomplete or corrupt[/red]: missing shards {[s.index for s in missing]}, corrupt shards {[s.index for s in corrupt]}; rerun `hessdiag run` to recompute them")

@@ -25,7 +25,7 @@ class ModelConfig(_Section):
     """Which model to differentiate."""
 
     source: Literal["builder", "keras_file"] = Field("builder", description="`builder`: a built-in model; `keras_file`: a saved `.keras` file")
-    builder: Optional[str] = Field("digits_vgg", description="built-in model name: digits_vgg, cifar_vgg, vgg16, mlp_tanh")
+    builder: Optional[str] = Field("digits_vgg", description="built-in model name: digits_vgg, cifar_vgg, cifar_vgg100, vgg16, mlp_tanh")
     path: Optional[str] = Field(None, description="the `.keras` file when source is `keras_file`")
     weights: Optional[str] = Field(None, description="optional weights file loaded into a built-in model")
     seed: int = Field(0, description="seed of a built-in model's random weights")
@@ -50,16 +50,29 @@ class TargetConfig(_Section):
 class DataConfig(_Section):
     """The data set the loss is averaged over."""
 
-    source: Literal["synthetic", "npz", "digits"] = Field("digits", description="`synthetic` (seeded normal inputs), `npz` (arrays `x`, `y`) or `digits` (scikit-learn's 8x8 digits)")
-    path: Optional[str] = Field(None, description="the `.npz` file when source is `npz`")
+    source: Literal["synthetic", "npz", "digits", "zarr", "images", "tfrecord"] = Field(
+        "digits", description="`synthetic` (seeded normal inputs), `npz` (arrays `x`, `y`), `digits` (scikit-learn's 8x8 digits),"
+        " `zarr` (a Zarr group with arrays `x`, `y`), `images` (a folder of class subfolders) or `tfrecord` (a file glob)")
+    path: Optional[str] = Field(None, description="npz file, Zarr group (path or fsspec URL), image folder, or TFRecord glob")
+    storage_options: Optional[dict[str, Any]] = Field(None, description="fsspec options for a remote Zarr `path`; null: the top-level `storage_options`")
+    image_size: Optional[list[int]] = Field(None, description="`[H, W]` images are resized to (images, tfrecord); null: the model's input size")
+    preprocess: str = Field("none", description="images, tfrecord: `none` (pixel values 0-255), `scale` (/255) or a `keras.applications` module name, e.g. `vgg16`")
     batch_size: int = Field(64, gt=0, description="examples per batch; batches are reduced in order")
     num_examples: Optional[int] = Field(None, gt=0, description="use the first N examples (synthetic: how many to draw); all when null")
     seed: int = Field(0, description="seed of synthetic data")
 
     @model_validator(mode="after")
     def _source_fields(self):
-        if self.source == "npz" and not self.path:
-            raise ValueError("data.path is required when data.source is 'npz'")
+        if self.source in ("npz", "zarr", "images", "tfrecord") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"data.image_size must be [H, W] with positive sizes, got {self.image_size}")
+        if self.preprocess not in ("none", "scale"):
+            import keras
+
+            module = getattr(keras.applications, self.preprocess, None)
+            if not hasattr(module, "preprocess_input"):
+                raise ValueError(f"data.preprocess must be 'none', 'scale' or a keras.applications module name such as 'vgg16', got {self.preprocess!r}")
         return self
 
 
@@ -80,6 +93,15 @@ class ComputeConfig(_Section):
     probes: int = Field(64, gt=1, description="hutchinson: number of Rademacher probes")
     samples: int = Field(16, gt=1, description="monte_carlo: sampled loss-Hessian factor columns per example")
     seed: int = Field(0, description="hutchinson and monte_carlo: random seed")
+    example_block: Union[int, Literal["auto"]] = Field(
+        "auto", description="examples per work unit; `auto` sizes units to about `unit_seconds` from a calibration timed at start (recorded in the store)")
+    unit_seconds: float = Field(120.0, gt=0, description="`example_block: auto`: the targeted compute time of one unit")
+
+    @model_validator(mode="after")
+    def _positive_block(self):
+        if isinstance(self.example_block, int) and self.example_block < 1:
+            raise ValueError("compute.example_block must be at least 1 or 'auto'")
+        return self
 
 
 class ClusterConfig(_Section):
@@ -124,7 +146,7 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """sha256 of everything that changes the numbers (not where or how they run)."""
-        relevant = self.model_dump(include={"model", "target", "data", "loss", "compute"})
+        relevant = self.model_dump(include={"model", "target", "data", "loss", "compute"}, exclude={"data": {"storage_options"}})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

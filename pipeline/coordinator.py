@@ -1,8 +1,9 @@
-"""The coordinator: check inputs, open or create the store, run missing shards, assemble, validate.
+"""The coordinator: check inputs, open or create the store, run missing units, fold them, validate.
 
-Order matters for the guarantees: every input check runs before the store is
-touched (bad input writes nothing); a shard is recorded done only after its
-chunks were written and verified; corrupt shards are forgotten and rerun.
+Order matters for the guarantees: every input check (including a pass over all
+data) runs before the store is touched, so bad input writes nothing; a unit counts
+only once its partial sums are written and verified; partial sums fold in block
+order; corrupt shards are forgotten and their group's units rerun.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pipeline.config import Config
 from pipeline.errors import BadInputError, Interrupted
 from pipeline.executors import make_executor
 from pipeline.job import Job
-from pipeline.plan import Plan
+from pipeline.plan import Plan, auto_example_block
 from pipeline.progress import RunProgress
+from pipeline.reduction import clean_group, fold_group, group_complete, unit_state
 from pipeline.store import ResultStore, check_writable
 from pipeline.validate import validate_store
 from pipeline.worker import configure_tensorflow
@@ -32,8 +34,8 @@ class RunResult:
     output: str
     engine: str
     engine_reason: str
-    computed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     recomputed_corrupt: list[int] = field(default_factory=list)
     retries: int = 0
     seconds: float = 0.0
@@ -61,7 +63,33 @@ def _recorded_config(config: Config) -> dict:
     return config.model_dump(mode="json", exclude={"storage_options"})
 
 
-def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultStore:
+def resumable_store(config: Config, overwrite: bool) -> ResultStore | None:
+    """The existing store this run would resume (same config), or None."""
+    if overwrite or not ResultStore.exists(config.output, config.storage_options):
+        return None
+    try:
+        store = ResultStore.open(config.output, config.storage_options)
+    except BadInputError:
+        return None
+    same = store.initialized and store.attrs.get("config_fingerprint") == config.fingerprint()
+    return store if same else None
+
+
+def resolve_example_block(config: Config, job: Job, log: Callable[[str], None], overwrite: bool = False) -> tuple[int, dict | None]:
+    """Examples per unit: the store's when resuming, the config's number, or calibrated for ``auto``."""
+    existing = resumable_store(config, overwrite)
+    if existing is not None:
+        return int(existing.attrs["example_block"]), existing.attrs.get("calibration")
+    if config.compute.example_block != "auto":
+        return int(config.compute.example_block), None
+    calibration = job.calibrate()
+    block = auto_example_block(calibration["seconds_per_example"], config.compute.unit_seconds, config.data.batch_size, job.examples)
+    log(f"calibration: {calibration['seconds_per_example']:.3g} s per example for {calibration['group_channels']} channels;"
+        f" example_block {block} for units of about {config.compute.unit_seconds:g} s")
+    return block, calibration
+
+
+def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibration: dict | None = None) -> ResultStore:
     """Open the store for this config, or create it; refuse a store written for something else."""
     url, options = config.output, config.storage_options
     attrs = {
@@ -70,6 +98,11 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultS
         "config": _recorded_config(config),
         "shard_size": plan.shard_size,
         "shards": len(plan.shards),
+        "examples": plan.examples,
+        "example_block": plan.example_block,
+        "channel_groups": [list(group) for group in plan.groups],
+        "units": len(plan.units),
+        "calibration": calibration,
         "hessdiag_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "validation": {"samples": 0, "max_rel_error": None, "passed": None},
@@ -79,9 +112,9 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool) -> ResultS
     if ResultStore.exists(url, options):
         try:
             store = ResultStore.open(url, options)
-        except BadInputError:
+        except BadInputError as exc:
             if not overwrite:
-                raise BadInputError(f"{url!r} exists and is not a hessdiag store; use --overwrite to replace it") from None
+                raise BadInputError(f"{url!r} exists but cannot be resumed: {exc}; use --overwrite to replace it") from None
             return ResultStore.create(url, options, plan, attrs)
         if overwrite:
             store.acquire_lock()  # refuses while another coordinator is alive
@@ -144,25 +177,36 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         configure_tensorflow(config.cluster.cpus_per_worker)  # the same settings as a Ray worker, before TF starts
     job = Job.load(config)
     loss_value = job.mean_loss()
-    plan = job.plan()
-    store = open_store(config, job, plan, overwrite)
+    say = log or RunProgress.plain_log
+    example_block, calibration = resolve_example_block(config, job, say, overwrite)
+    plan = job.plan(example_block)
+    store = open_store(config, job, plan, overwrite, calibration)
     token = store.acquire_lock()
     progress = None
     try:
-        done, corrupt, missing = store.verify(plan)
+        done, corrupt, _ = store.verify(plan)
         for shard in corrupt:
             store.forget(shard)
-        todo = sorted(corrupt + missing, key=lambda s: s.index)
-        progress = RunProgress(len(plan.shards), len(done), plan.entries_per_channel * plan.shard_size, live)
+        done_shards = {s.index for s in done}
+        for group in range(len(plan.groups)):
+            if not group_complete(plan, group, done_shards):
+                clean_group(store, plan, group)
+                fold_group(store, plan, group)  # partials a crash left unfolded
+        done_shards = {s.index for s in store.verify(plan)[0]}
+        state = unit_state(store, plan, done_shards)
+        total = len(plan.units)
+        progress = RunProgress(total, len(state.done), live)
         say = log or progress.log
         say(
             f"{config.output}: {job.model.name}/{job.curvature.target.layer.name} {plan.weight_shape}, "
-            f"{len(plan.shards)} shards of {plan.shard_size} channels, engine {job.curvature.choice.name} "
-            f"({job.curvature.choice.reason}); {len(done)} done, {len(corrupt)} corrupt, {len(missing)} missing"
+            f"{total} units = {len(plan.groups)} channel group(s) x {plan.blocks} block(s) of {plan.example_block} examples"
+            f" ({plan.examples} examples), stored as {len(plan.shards)} shards of {plan.shard_size} channels;"
+            f" engine {job.curvature.choice.name} ({job.curvature.choice.reason}); {len(state.done)} units done,"
+            f" {len(corrupt)} corrupt shards, {len(state.todo)} units to run"
         )
-        result = RunResult(config.output, job.curvature.choice.name, job.curvature.choice.reason, skipped=[s.index for s in done],
-                           recomputed_corrupt=[s.index for s in corrupt])
-        if todo:
+        result = RunResult(config.output, job.curvature.choice.name, job.curvature.choice.reason,
+                           skipped=[u.name for u in state.done], recomputed_corrupt=[s.index for s in corrupt])
+        if state.todo:
             executor = make_executor(config, say, run_id=token[:8])
             install_stop_handlers()
             try:
@@ -170,19 +214,21 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
                     if identity["model_fingerprint"] != job.model_fingerprint:
                         raise BadInputError(f"worker {identity['host']}:{identity['pid']} built a different model; check model.seed/weights")
 
-                def on_done(shard, record):
-                    store.record_done(shard, record.pop("checksum"), **record)
-                    result.computed.append(shard.index)
-                    progress.shard_done(shard.name, record["seconds"], f"{record['host']}:{record['pid']}")
+                def on_done(unit, record):
+                    record.pop("checksum")
+                    store.record_unit(unit, **record)
+                    fold_group(store, plan, unit.group)
+                    result.computed.append(unit.name)
+                    progress.unit_done(unit.name, record["seconds"], f"{record['host']}:{record['pid']}")
 
-                def on_retry(shard, reason, attempt):
+                def on_retry(unit, reason, attempt):
                     result.retries += 1
-                    progress.shard_retry(shard.name, reason, attempt)
+                    progress.unit_retry(unit.name, reason, attempt)
 
-                executor.execute(todo, on_done, on_retry, lambda: store.heartbeat(token))
+                executor.execute(state.todo, on_done, on_retry, lambda: store.heartbeat(token))
             except Interrupted as exc:
-                finished = len(plan.shards) - len(todo) + len(result.computed)
-                raise Interrupted(exc.signum, f"interrupted; {finished} of {len(plan.shards)} units done;"
+                finished = len(state.done) + len(result.computed)
+                raise Interrupted(exc.signum, f"interrupted; {finished} of {total} units done;"
                                   " rerun the same command to resume") from None
             finally:
                 executor.close()
@@ -194,7 +240,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
             {"started": started, "seconds": time.time() - started, "computed": result.computed, "retries": result.retries}
         ]
         store.update_attrs(complete=True, loss=loss_value, runs=runs)
-        say("all shards done; validating against float64 finite differences")
+        say("all units done and folded; validating against float64 finite differences")
         result.validation = validate_store(job, store, plan, config.validation)
         store.update_attrs(validation=result.validation)
         result.seconds = time.time() - started
@@ -203,4 +249,3 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         if progress is not None:
             progress.close()
         store.release_lock(token)
-

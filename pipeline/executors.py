@@ -1,6 +1,6 @@
-"""Executors run shards: in this process, or on a pool of Ray actors.
+"""Executors run work units: in this process, or on a pool of Ray actors.
 
-Both take the shards to run and two callbacks; a test parametrized over both
+Both take the units to run and two callbacks; a test parametrized over both
 checks that they produce bit-identical stores.
 """
 
@@ -15,26 +15,26 @@ from typing import Callable
 
 from pipeline.config import Config
 from pipeline.errors import HessdiagError
-from pipeline.plan import Shard
+from pipeline.plan import Unit
 from pipeline.ray_auth import use_available_token
-from pipeline.worker import ShardWorker
+from pipeline.worker import UnitWorker
 
 HEARTBEAT_SECONDS = 10.0
-OnDone = Callable[[Shard, dict], None]
-OnRetry = Callable[[Shard, str, int], None]
+OnDone = Callable[[Unit, dict], None]
+OnRetry = Callable[[Unit, str, int], None]
 
 
 class LocalExecutor:
-    """Runs shards one after another in this process."""
+    """Runs units one after another in this process."""
 
     def __init__(self, config: Config, log: Callable[[str], None]):
-        self.worker = ShardWorker(config, threads=config.cluster.cpus_per_worker)
+        self.worker = UnitWorker(config, threads=config.cluster.cpus_per_worker)
         self.identities = [self.worker.identity()]
         log("executor: local (this process)")
 
-    def execute(self, shards: list[Shard], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
-        for shard in shards:
-            on_done(shard, self.worker.run_shard(shard))
+    def execute(self, units: list[Unit], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
+        for unit in units:
+            on_done(unit, self.worker.run_unit(unit))
             heartbeat()
 
     def close(self) -> None:
@@ -48,7 +48,7 @@ def cluster_gpus() -> float:
 
 
 class RayExecutor:
-    """A dynamic queue over Ray actors: a free actor takes the next shard; dead actors are replaced."""
+    """A dynamic queue over Ray actors: a free actor takes the next unit; dead actors are replaced."""
 
     def __init__(self, config: Config, log: Callable[[str], None], run_id: str | None = None):
         use_available_token()
@@ -83,7 +83,7 @@ class RayExecutor:
     def _start_actor(self, slot: int):
         import ray
 
-        actor_class = ray.remote(ShardWorker)
+        actor_class = ray.remote(UnitWorker)
         return actor_class.options(
             name=f"hessdiag-{self.run_id}-worker{slot}-{next(self._generation)}",
             num_cpus=self.config.cluster.cpus_per_worker,
@@ -93,21 +93,21 @@ class RayExecutor:
             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}},
         ).remote(self._config_json, self.config.cluster.cpus_per_worker)
 
-    def execute(self, shards: list[Shard], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
-        """Run ``shards``; a replacement actor gets work only once it is up, so a lost node stalls nothing."""
+    def execute(self, units: list[Unit], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
+        """Run ``units``; a replacement actor gets work only once it is up, so a lost node stalls nothing."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        queue = deque((shard, 0) for shard in shards)
-        tasks: dict = {}  # shard task -> (slot, shard, attempt)
+        queue = deque((unit, 0) for unit in units)
+        tasks: dict = {}  # unit task -> (slot, unit, attempt)
         starting: dict = {}  # identity call of a replacement actor -> slot
         idle = list(range(self.num_workers))
 
         def submit():
             while idle and queue:
                 slot = idle.pop()
-                shard, attempt = queue.popleft()
-                tasks[self.actors[slot].run_shard.remote(shard)] = (slot, shard, attempt)
+                unit, attempt = queue.popleft()
+                tasks[self.actors[slot].run_unit.remote(unit)] = (slot, unit, attempt)
 
         def replace(slot):
             self.actors[slot] = self._start_actor(slot)
@@ -134,22 +134,22 @@ class RayExecutor:
                     replace(slot)
                 submit()
                 continue
-            slot, shard, attempt = tasks.pop(ref)
+            slot, unit, attempt = tasks.pop(ref)
             try:
                 record = ray.get(ref)
             except (RayActorError, RayTaskError, ray.exceptions.ObjectLostError) as exc:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 if attempt >= self.config.cluster.max_retries:
-                    raise HessdiagError(f"{shard.name} failed {attempt + 1} times; last error: {reason}") from exc
-                on_retry(shard, reason, attempt + 1)
-                queue.appendleft((shard, attempt + 1))
+                    raise HessdiagError(f"unit {unit.name} failed {attempt + 1} times; last error: {reason}") from exc
+                on_retry(unit, reason, attempt + 1)
+                queue.appendleft((unit, attempt + 1))
                 if isinstance(exc, RayActorError):
                     replace(slot)
                 else:
                     idle.append(slot)
                 submit()
                 continue
-            on_done(shard, record)
+            on_done(unit, record)
             idle.append(slot)
             submit()
 

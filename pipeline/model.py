@@ -32,13 +32,18 @@ def digits_vgg() -> keras.Model:
     return keras.Model(inp, L.Dense(10, activation="softmax", name="predictions")(h), name="digits_vgg")
 
 
-def cifar_vgg() -> keras.Model:
-    """CIFAR-size VGG: conv3->32, conv32->32, pool, block2_conv1 3x3x32x64, conv64->64, pool, linear->10 logits."""
+def cifar_vgg(classes: int = 10) -> keras.Model:
+    """CIFAR-size VGG: conv3->32, conv32->32, pool, block2_conv1 3x3x32x64, conv64->64, pool, linear->logits."""
     inp = keras.Input((32, 32, 3), name="image")
     h = _vgg_block(inp, 32, 2, 1)
     h = _vgg_block(h, 64, 2, 2)
     h = L.Flatten(name="flatten")(h)
-    return keras.Model(inp, L.Dense(10, name="logits")(h), name="cifar_vgg")
+    return keras.Model(inp, L.Dense(classes, name="logits")(h), name="cifar_vgg" if classes == 10 else f"cifar_vgg{classes}")
+
+
+def cifar_vgg100() -> keras.Model:
+    """``cifar_vgg`` with 100 classes (CIFAR-100 size)."""
+    return cifar_vgg(100)
 
 
 def vgg16() -> keras.Model:
@@ -57,6 +62,7 @@ def mlp_tanh() -> keras.Model:
 BUILDERS: dict[str, Callable[[], keras.Model]] = {
     "digits_vgg": digits_vgg,
     "cifar_vgg": cifar_vgg,
+    "cifar_vgg100": cifar_vgg100,
     "vgg16": vgg16,
     "mlp_tanh": mlp_tanh,
 }
@@ -66,6 +72,9 @@ def build_model(name: str, seed: int = 0, weights: str | None = None) -> keras.M
     """A built-in model with weights drawn from ``seed`` (or loaded from a weights file)."""
     if name not in BUILDERS:
         raise BadInputError(f"unknown model builder {name!r}; built-ins are: {', '.join(BUILDERS)}")
+    # fresh layer-name counters: a second build in one process gets the same auto-generated names
+    # (and so the same fingerprint) as the first build in a worker
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = BUILDERS[name]()
     if weights:

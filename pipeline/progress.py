@@ -10,12 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunProgress:
-    """Counts finished shards and entries; reports throughput, ETA, retries and failures."""
+    """Counts finished work units; reports throughput, ETA, retries and failures."""
 
-    def __init__(self, total_shards: int, already_done: int, entries_per_shard: float, live: bool | None = None):
-        self.total = total_shards
+    def __init__(self, total_units: int, already_done: int, live: bool | None = None):
+        self.total = total_units
         self.done = already_done
-        self.entries_per_shard = entries_per_shard
         self.retries = 0
         self.started = time.time()
         self.computed = 0
@@ -24,23 +23,26 @@ class RunProgress:
         self._bar = None
         if self.live:
             self._bar = Progress(
-                TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                TextColumn("[bold]units"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                 TextColumn("retries {task.fields[retries]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=self.console,
             )
-            self._task = self._bar.add_task("run", total=total_shards, completed=already_done, rate="", retries=0)
+            self._task = self._bar.add_task("run", total=total_units, completed=already_done, rate="", retries=0)
             self._bar.start()
+
+    @staticmethod
+    def plain_log(message: str) -> None:
+        print(f"[hessdiag {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     def log(self, message: str) -> None:
         if self._bar is not None:
             self._bar.console.print(message)
         else:
-            print(f"[hessdiag {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+            self.plain_log(message)
 
     @property
-    def entries_per_second(self) -> float:
-        elapsed = max(time.time() - self.started, 1e-9)
-        return self.computed * self.entries_per_shard / elapsed
+    def units_per_minute(self) -> float:
+        return 60 * self.computed / max(time.time() - self.started, 1e-9)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -48,23 +50,19 @@ class RunProgress:
             return None
         return (self.total - self.done) * (time.time() - self.started) / self.computed
 
-    def shard_done(self, name: str, seconds: float, where: str) -> None:
+    def unit_done(self, name: str, seconds: float, where: str) -> None:
         self.done += 1
         self.computed += 1
-        eta = self.eta_seconds
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{self.entries_per_second:,.0f} entries/s")
+            self._bar.update(self._task, completed=self.done, rate=f"{self.units_per_minute:.1f} units/min")
         else:
-            self.log(
-                f"{name} done in {seconds:.1f} s on {where} ({self.done}/{self.total},"
-                f" {self.entries_per_second:,.0f} entries/s, eta {eta:.0f} s)"
-            )
+            self.log(f"unit {name} done in {seconds:.1f} s on {where} ({self.done}/{self.total}, eta {self.eta_seconds:.0f} s)")
 
-    def shard_retry(self, name: str, reason: str, attempt: int) -> None:
+    def unit_retry(self, name: str, reason: str, attempt: int) -> None:
         self.retries += 1
         if self._bar is not None:
             self._bar.update(self._task, retries=self.retries)
-        self.log(f"{name} will be retried (attempt {attempt}): {reason}")
+        self.log(f"unit {name} will be retried (attempt {attempt}): {reason}")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -2,17 +2,22 @@
 
 Layout (readable by ``zarr.open_group`` and ``xarray.open_zarr``):
 
-    gradient, hessian_diagonal   float64 arrays shaped like W, one chunk per shard
+    gradient, hessian_diagonal   float64 arrays shaped like W (the means), one chunk per shard
     manifest/shard-NNNNN         one group per finished shard; attrs hold its checksum
+    partials/gGGGGG-bBBBBB       float64 sums of one work unit (channel group G, example block B)
+    running/gGGGGG-kKKKKK        float64 sums of group G's blocks 0..K-1, folded in block order
+    units/gGGGGG-bBBBBB          timing of each finished unit (kept after its partial is folded)
     lock                         a group whose attrs name the coordinator running now
 
-A shard is done only when its manifest entry exists and the stored chunk's
-checksum still matches it, so a crash between writing and recording loses
-nothing but that shard, and a corrupted or deleted chunk is detected.
+Partial and running sums count only once their checksum attribute is written and
+still matches, and an older one is deleted only after its successor is complete, so a
+crash at any point loses at most the units in flight. A shard is done only when its
+manifest entry exists and the stored chunk's checksum still matches it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -24,12 +29,13 @@ import numpy as np
 import zarr
 
 from pipeline.errors import BadInputError
-from pipeline.plan import Plan, Shard, plan_shards
+from pipeline.plan import Plan, Shard, Unit, plan_shards
 
 ARRAYS = ("gradient", "hessian_diagonal")
 CONV_DIMS = ("kh", "kw", "in_channel", "out_channel")
 DENSE_DIMS = ("in_feature", "out_channel")
 LOCK_STALE_SECONDS = 90.0
+LAYOUT_VERSION = 2  # 1: one shard = channels x all data, no partial sums
 
 
 def dimension_names(rank: int) -> tuple[str, ...]:
@@ -106,6 +112,12 @@ class ResultStore:
             raise BadInputError(f"no hessdiag store at {url!r}") from exc
         if "config_fingerprint" not in group.attrs:
             raise BadInputError(f"{url!r} is a Zarr group but not a hessdiag store")
+        version = group.attrs.get("layout_version", 1)
+        if version != LAYOUT_VERSION:
+            raise BadInputError(
+                f"{url!r} is a hessdiag store of layout version {version}; this hessdiag reads version {LAYOUT_VERSION}"
+                " (work units over channel groups and example blocks). Write to a new output, or rerun with --overwrite"
+            )
         return cls(group, url)
 
     @property
@@ -116,7 +128,7 @@ class ResultStore:
     @classmethod
     def create(cls, url: str, storage_options: dict, plan: Plan, attrs: dict[str, Any]) -> "ResultStore":
         """A new, empty store (replacing whatever is at ``url``); its attributes are written with the group."""
-        group = cls._open(url, storage_options, "w", attributes={"complete": False, **attrs})
+        group = cls._open(url, storage_options, "w", attributes={"complete": False, "layout_version": LAYOUT_VERSION, **attrs})
         chunks = plan.weight_shape[:-1] + (plan.shard_size,)
         for name in ARRAYS:
             group.create_array(
@@ -141,9 +153,52 @@ class ResultStore:
 
     @property
     def plan(self) -> Plan:
-        """The shards this store was created for, from its own attributes."""
+        """The shards and units this store was created for, from its own attributes."""
         attrs = self.group.attrs
-        return plan_shards(tuple(attrs["weight_shape"]), int(attrs["shard_size"]))
+        plan = plan_shards(tuple(attrs["weight_shape"]), int(attrs["shard_size"]), int(attrs["examples"]), int(attrs["example_block"]))
+        return dataclasses.replace(plan, groups=tuple(tuple(group) for group in attrs["channel_groups"]))
+
+    # sums of work units --------------------------------------------------------
+    def write_sums(self, kind: str, name: str, gradient: np.ndarray, hessian_diagonal: np.ndarray, **info: Any) -> str:
+        """Write float64 sums (one chunk each), read them back, then record their checksum, which marks them complete."""
+        expected = shard_checksum(gradient, hessian_diagonal)
+        group = self.group.require_group(kind).create_group(name, overwrite=True)
+        for array_name, values in zip(ARRAYS, (gradient, hessian_diagonal)):
+            array = group.create_array(array_name, shape=values.shape, chunks=values.shape, dtype="float64")
+            array[...] = values
+        stored = shard_checksum(*self.read_sums(kind, name))
+        if stored != expected:
+            raise OSError(f"{kind}/{name}: chunks read back differ from what was written")
+        group.attrs.update({"checksum": expected, **info})
+        return expected
+
+    def read_sums(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        group = self.group[kind][name]
+        return tuple(np.asarray(group[array_name][...]) for array_name in ARRAYS)
+
+    def sums_valid(self, kind: str, name: str) -> bool:
+        """True when the sums exist, are complete, and still match their checksum."""
+        try:
+            checksum = self.group[kind][name].attrs.get("checksum")
+            return checksum is not None and shard_checksum(*self.read_sums(kind, name)) == checksum
+        except Exception:  # noqa: BLE001 - missing, partly written or undecodable: not valid
+            return False
+
+    def sums_names(self, kind: str) -> list[str]:
+        return sorted(self.group[kind].group_keys()) if kind in self.group else []
+
+    def delete_sums(self, kind: str, name: str) -> None:
+        if kind in self.group and name in self.group[kind]:
+            del self.group[kind][name]
+
+    def record_unit(self, unit: Unit, **info: Any) -> None:
+        """Keep a finished unit's timing (its partial sums are deleted once folded)."""
+        self.group.require_group("units").create_group(unit.name, overwrite=True, attributes={"group": unit.group, "block": unit.block, **info})
+
+    def unit_records(self) -> dict[str, dict[str, Any]]:
+        if "units" not in self.group:
+            return {}
+        return {name: dict(group.attrs) for name, group in self.group["units"].groups()}
 
     # shards ------------------------------------------------------------------
     def write_shard(self, shard: Shard, gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:

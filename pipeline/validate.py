@@ -27,8 +27,8 @@ def validate_store(job: Job, store: ResultStore, plan: Plan, config: ValidationC
         return {"samples": 0, "max_rel_error": None, "passed": True, "note": "validation disabled (samples: 0)"}
     c = job.config
     fd = finite_difference_derivatives(
-        job.model, c.target.layer, job.x, job.y, indices, loss=c.loss.name, from_logits=c.loss.from_logits,
-        weight=c.target.weight, step=config.step, batch_size=c.data.batch_size,
+        job.model, c.target.layer, None, None, indices, loss=c.loss.name, from_logits=c.loss.from_logits,
+        weight=c.target.weight, step=config.step, batches=job.iter_batches,
     )
     gradient, diagonal = store.values_at(indices)
     g_abs, g_rel, g_ok = _errors(gradient, fd.gradient, config)
@@ -73,7 +73,7 @@ def validate_store(job: Job, store: ResultStore, plan: Plan, config: ValidationC
         summary["note"] = f"{job.curvature.choice.name} is a stochastic estimate: only the gradient decides 'passed'"
     if job.curvature.choice.name == "factored":
         spot = indices[: min(4, len(indices))]
-        reference = exact_entries(job.curvature.problem, job.batches, spot)
+        reference = exact_entries(job.curvature.problem, job.iter_batches(), spot)
         diff = np.abs(diagonal[: len(spot)] - reference) / np.maximum(np.abs(reference), 1e-12)
         summary["spot_check"] = {
             "engine": "exact",

@@ -1,4 +1,4 @@
-"""A shard worker: loads the model and data once, then computes and writes shards.
+"""A unit worker: loads the model once, then computes work units and writes their partial sums.
 
 The same class runs in-process (the local executor) and as a Ray actor, one
 per GPU when there are GPUs. Every worker uses the same TensorFlow thread
@@ -14,7 +14,7 @@ import socket
 import time
 
 from pipeline.config import Config, parse_config
-from pipeline.plan import Shard
+from pipeline.plan import Unit
 from pipeline.store import ResultStore
 
 
@@ -44,8 +44,8 @@ def peak_memory_bytes() -> dict[str, int]:
     return peaks
 
 
-class ShardWorker:
-    """Holds one model and data set for its lifetime; computes shards on request."""
+class UnitWorker:
+    """Holds one model and a data source for its lifetime; computes units on request."""
 
     def __init__(self, config: Config | dict, threads: int = 1):
         self.gpus = configure_tensorflow(threads)
@@ -64,18 +64,19 @@ class ShardWorker:
             "model_fingerprint": self.job.model_fingerprint,
         }
 
-    def run_shard(self, shard: Shard) -> dict:
-        """Compute a shard, write its chunks, and return the verified checksum with timings."""
+    def run_unit(self, unit: Unit) -> dict:
+        """Compute a unit, write its partial sums, and return their verified checksum with timings."""
         started = time.perf_counter()
-        result = self.job.compute(shard)
-        checksum = self.store.write_shard(shard, result.gradient, result.hessian_diagonal)
+        sums = self.job.compute_unit(unit)
+        checksum = self.store.write_sums("partials", unit.name, sums.gradient, sums.hessian_diagonal)
         record = {
             "checksum": checksum,
             "seconds": time.perf_counter() - started,
+            "examples": unit.examples,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             **peak_memory_bytes(),
         }
         if self.job.curvature.stderr is not None:
-            record["max_stderr"] = float(self.job.curvature.stderr.max())
+            record["max_stderr"] = float(self.job.curvature.stderr.max()) / self.job.examples
         return record

@@ -23,7 +23,7 @@ TINY = {
     "target": {"layer": "block2_conv1"},
     "data": {"source": "digits", "num_examples": 256, "batch_size": 64},
     "loss": {"name": "sparse_categorical_crossentropy", "from_logits": False},
-    "compute": {"engine": "auto", "shard_size": 4},
+    "compute": {"engine": "auto", "shard_size": 4, "example_block": 64},
     "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_retries": 2},
     "validation": {"samples": 8, "rtol": 1e-3},
 }

@@ -107,7 +107,30 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert call("run", config, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "16 shards of 4 channels" in out and "18,432 entries" in out
+    assert "units: 4 = 1 channel group(s) of 64 channels x 4 block(s) of 64 examples" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    predicted = {int(r.split("│")[1]): float(r.split("│")[2].replace(",", "")) for r in rows if r.split("│")[1].strip().isdigit()}
+    assert sorted(predicted) == [1, 2, 4, 8, 16, 64]
+    assert predicted[1] >= predicted[2] >= predicted[4] == predicted[64] > 0  # 4 units: no gain past 4 workers
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_store_of_the_older_layout_is_refused(finished_store, tmp_path, capsys):
+    import shutil
+
+    import zarr
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(finished_store, old)
+    group = zarr.open_group(str(old), mode="r+")
+    attributes = dict(group.attrs)
+    del attributes["layout_version"]
+    group.attrs.put(attributes)
+    config = write_config(tmp_path / "c.yaml", tiny_raw(old, compute={"shard_size": 32}, cluster={"executor": "local"}))
+    assert call("run", config) == 2
+    assert "layout version 1" in capsys.readouterr().err
+    assert call("status", str(old)) == 2
+    assert "layout version 1" in capsys.readouterr().err
 
 
 def test_example_configs_are_valid():

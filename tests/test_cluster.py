@@ -51,7 +51,7 @@ def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
     assert "2 actors x (1 CPU, 0 GPU) on 1 node(s)" in done.stdout  # both nodes share this host name
     attrs = ResultStore.open(str(out), mode="r").attrs
     assert attrs["complete"] is True and attrs["validation"]["passed"] is True
-    pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").manifest().values()}
+    pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").unit_records().values()}
     assert len(pids) == 2  # one actor per node: each node has one CPU
     local = out.parent / "local.zarr"  # the same config run in this process, without Ray: the same bits
     run(tiny_config(local, data={"num_examples": 768}, cluster={"executor": "local"}, validation={"samples": 0}), live=False)
@@ -95,7 +95,7 @@ def test_node_killed_mid_run_costs_only_its_shards(submitted, cluster, tmp_path)
                                env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if ResultStore.exists(str(out)) and len(ResultStore.open(str(out), mode="r").manifest()) >= 1:
+        if ResultStore.exists(str(out)) and len(ResultStore.open(str(out), mode="r").unit_records()) >= 1:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before the node could be killed: " + process.communicate()[0][-3000:]

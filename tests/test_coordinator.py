@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from pipeline.coordinator import run
-from pipeline.curvature import layer_derivatives
+from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
 from pipeline.job import Job
 from pipeline.store import ResultStore
 from tests.cluster import kill_driver_when, start_driver
@@ -31,18 +31,21 @@ def reference(ray_session, tmp_path_factory):
 
 def test_end_to_end_equals_in_process_core_and_validates(reference):
     config, result, path = reference
-    assert result.passed and result.engine == "factored" and sorted(result.computed) == list(range(16))
+    # one channel group (factored: the column back-propagation is never repeated per slice) x 4 blocks of 64
+    assert result.passed and result.engine == "factored" and sorted(result.computed) == [f"g00000-b{b:05d}" for b in range(4)]
     job = Job.load(config)
+    x, y = job.read(0, job.examples)
     options = dict(loss=config.loss.name, batch_size=config.data.batch_size)
-    shards = [
-        layer_derivatives(job.model, "block2_conv1", job.x, job.y, engine="factored", out_channels=shard.channels, **options)
-        for shard in job.plan().shards
-    ]
-    whole = layer_derivatives(job.model, "block2_conv1", job.x, job.y, engine="factored", **options)
-    exact = layer_derivatives(job.model, "block2_conv1", job.x, job.y, engine="exact", out_channels=slice(20, 22), **options)
+    curvature = LayerCurvature(job.model, "block2_conv1", loss=config.loss.name, engine="factored")
+    folded = None
+    for first in range(0, 256, 64):  # block sums folded in block order, as the coordinator does
+        part = curvature.compute_sums(batches_of(x[first : first + 64], y[first : first + 64], 64))
+        folded = part if folded is None else [a + b for a, b in zip(folded, part)]
+    whole = layer_derivatives(job.model, "block2_conv1", x, y, engine="factored", **options)
+    exact = layer_derivatives(job.model, "block2_conv1", x, y, engine="exact", out_channels=slice(20, 22), **options)
     gradient, diagonal = arrays(path)
-    np.testing.assert_array_equal(gradient, np.concatenate([s.gradient for s in shards], axis=-1))
-    np.testing.assert_array_equal(diagonal, np.concatenate([s.hessian_diagonal for s in shards], axis=-1))
+    np.testing.assert_array_equal(gradient, folded[0] / 256)
+    np.testing.assert_array_equal(diagonal, folded[1] / 256)
     np.testing.assert_allclose(diagonal, whole.hessian_diagonal, rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(diagonal[..., 20:22], exact.hessian_diagonal, rtol=1e-5, atol=1e-10)
     np.testing.assert_allclose(gradient[..., 20:22], exact.gradient, rtol=1e-5, atol=1e-9)
@@ -84,7 +87,7 @@ def test_killed_actor_mid_shard_is_retried_bit_identical(reference, tmp_path):
     while killed is None and time.time() < deadline and thread.is_alive():
         names = [n for n in ray.util.list_named_actors() if "-worker0-" in n]
         store_ok = ResultStore.exists(str(tmp_path / "s.zarr"))
-        if names and store_ok and ResultStore.open(str(tmp_path / "s.zarr"), mode="r").manifest():
+        if names and store_ok and ResultStore.open(str(tmp_path / "s.zarr"), mode="r").unit_records():
             killed = names[0]
             ray.kill(ray.get_actor(killed))
         time.sleep(0.05)
@@ -97,21 +100,21 @@ def test_killed_actor_mid_shard_is_retried_bit_identical(reference, tmp_path):
 
 
 def recorded(path) -> int:
-    """Shards recorded done in the store at ``path`` (0 before it exists)."""
-    return len(ResultStore.open(str(path), mode="r").manifest()) if ResultStore.exists(str(path)) else 0
+    """Units recorded done in the store at ``path`` (0 before it exists)."""
+    return len(ResultStore.open(str(path), mode="r").unit_records()) if ResultStore.exists(str(path)) else 0
 
 
-def test_driver_sigkill_then_rerun_finishes_only_missing_shards(reference, tmp_path):
+def test_driver_sigkill_mid_unit_then_rerun_finishes_only_missing_units(reference, tmp_path):
     _, _, path = reference
     out = tmp_path / "s.zarr"
     config_path = write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0}))
-    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 3)
-    done_before = ResultStore.open(str(out), mode="r").manifest()
-    assert 3 <= len(done_before) < 16
+    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 2)
+    done_before = set(ResultStore.open(str(out), mode="r").unit_records())
+    assert 2 <= len(done_before) < 4
     assert ResultStore.open(str(out), mode="r").lock_info() is not None  # left behind by the killed driver
     result = run(tiny_config(out, validation={"samples": 0}), live=False)
-    assert sorted(result.computed) == sorted(set(range(16)) - set(done_before))
-    assert sorted(result.skipped) == sorted(done_before)
+    assert done_before <= set(result.skipped) and not set(result.computed) & set(result.skipped)
+    assert sorted(result.computed + result.skipped) == [f"g00000-b{b:05d}" for b in range(4)]
     reference_grad, reference_diag = arrays(path)
     gradient, diagonal = arrays(out)
     np.testing.assert_array_equal(gradient, reference_grad)
@@ -131,10 +134,11 @@ def test_corrupted_and_deleted_chunks_are_detected_then_recomputed(reference, tm
     assert exit_info.value.code == 0
     status = __import__("json").loads(capsys.readouterr().out)
     assert status["corrupt"] == [5, 11] and status["shards_done"] == 14 and status["complete"] is False
+    assert status["units_done"] == 0  # the group's shards are not all sound: its units must run again
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", str(out)])
     assert exit_info.value.code == 3
     result = run(tiny_config(out), live=False)
-    assert sorted(result.computed) == [5, 11] and result.recomputed_corrupt == [5, 11]
+    assert sorted(result.computed) == [f"g00000-b{b:05d}" for b in range(4)] and result.recomputed_corrupt == [5, 11]
     for mine, theirs in zip(arrays(out), arrays(path)):
         np.testing.assert_array_equal(mine, theirs)

@@ -23,7 +23,7 @@ def test_keras_file_and_npz_reproduce_the_builtin_run_bit_for_bit(finished_store
     model = build_model("digits_vgg", seed=0)
     model.save(tmp_path / "m.keras")
     reference = Job.load(tiny_config(tmp_path / "unused.zarr"))
-    np.savez(tmp_path / "d.npz", x=reference.x, y=reference.y)
+    np.savez(tmp_path / "d.npz", *(), **dict(zip("xy", reference.read(0, reference.examples))))
     config = tiny_config(
         tmp_path / "s.zarr",
         model={"source": "keras_file", "path": str(tmp_path / "m.keras"), "builder": None},
@@ -51,3 +51,10 @@ def test_custom_objects_are_imported_by_name(tmp_path):
     assert job.curvature.choice.name == "exact" and "(Scale)" in job.curvature.choice.reason
     with pytest.raises(BadInputError, match="custom object 'tests.test_job:Missing' cannot be imported"):
         Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Missing"]}, **options))
+
+
+def test_a_builder_gives_the_same_fingerprint_when_built_twice_in_one_process():
+    from pipeline.model import model_fingerprint
+
+    # keras.applications.VGG16 has auto-named layers: a second build must not get new names
+    assert model_fingerprint(build_model("vgg16", seed=0)) == model_fingerprint(build_model("vgg16", seed=0))

@@ -44,15 +44,16 @@ def s3():
         server.wait()
 
 
-SLOWER = {"num_examples": 768}  # shards slow enough to kill a run between them
+SLOWER = {"num_examples": 768}  # 12 units: enough to kill a run between them
+UNITS12 = [f"g00000-b{b:05d}" for b in range(12)]
 
 
 def s3_config(name, options, **sections):
     return tiny_config(f"s3://{BUCKET}/{name}.zarr", storage_options=options, data=SLOWER, **sections)
 
 
-def recorded_shards(client, name):
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/manifest/shard-")
+def recorded_units(client, name):
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/units/")
     return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith("zarr.json")]
 
 
@@ -70,7 +71,7 @@ def s3_run(s3, ray_session, tmp_path_factory):
 def test_end_to_end_on_s3_matches_local_disk_and_keeps_no_secrets(s3, s3_run, tmp_path):
     client, options = s3
     result, config = s3_run
-    assert result.passed and sorted(result.computed) == list(range(16))
+    assert result.passed and sorted(result.computed) == UNITS12
     local = tiny_config(tmp_path / "local.zarr", data=SLOWER, cluster={"executor": "local"}, validation={"samples": 0})
     run(local, live=False)
     for remote, disk in zip(arrays(config.output, options), ResultStore.open(str(tmp_path / "local.zarr"), mode="r").arrays()):
@@ -91,11 +92,11 @@ def test_driver_killed_then_resumed_on_s3(s3, s3_run, tmp_path):
     url = f"s3://{BUCKET}/resumed.zarr"
     raw = tiny_raw(url, storage_options=options, data=SLOWER, validation={"samples": 0})
     config_path = write_config(tmp_path / "c.yaml", raw)
-    kill_driver_when(start_driver(config_path), lambda: len(recorded_shards(client, "resumed")) >= 2)
-    before = set(ResultStore.open(url, options, mode="r").manifest())
-    assert 2 <= len(before) < 16
+    kill_driver_when(start_driver(config_path), lambda: len(recorded_units(client, "resumed")) >= 2)
+    before = set(ResultStore.open(url, options, mode="r").unit_records())
+    assert 2 <= len(before) < 12
     result = run(s3_config("resumed", options, validation={"samples": 0}), live=False)
-    assert sorted(result.computed) == sorted(set(range(16)) - before)
+    assert before <= set(result.skipped) and sorted(result.computed + result.skipped) == UNITS12
     for mine, theirs in zip(arrays(url, options), arrays(full.output, options)):
         np.testing.assert_array_equal(mine, theirs)
 
@@ -111,7 +112,30 @@ def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["corrupt"] == [6] and status["complete"] is False
     result = run(full, live=False)
-    assert result.computed == [6] and result.passed
+    assert sorted(result.computed) == UNITS12 and result.recomputed_corrupt == [6] and result.passed
     store = ResultStore.open(full.output, options, mode="r")
     _, corrupt, missing = store.verify(store.plan)
     assert not corrupt and not missing
+
+
+def test_zarr_data_set_on_s3_gives_the_same_store_as_npz(s3, tmp_path):
+    import zarr
+
+    from tests.test_data_sources import _digits_arrays
+
+    _, options = s3
+    x, y = _digits_arrays()
+    group = zarr.open_group(f"s3://{BUCKET}/digits.zarr", mode="w", storage_options=options)
+    group.create_array("x", data=x, chunks=(32, 8, 8, 1))
+    group.create_array("y", data=y, chunks=(32,))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    stores = []
+    for name, data in (("remote", {"source": "zarr", "path": f"s3://{BUCKET}/digits.zarr"}),
+                       ("local", {"source": "npz", "path": str(tmp_path / "d.npz")})):
+        out = tmp_path / f"{name}.zarr"
+        config = tiny_config(out, storage_options=options, data={**data, "batch_size": 32},
+                             compute={"example_block": 32}, cluster={"executor": "local"}, validation={"samples": 0})
+        run(config, live=False)
+        stores.append(ResultStore.open(str(out), mode="r").arrays())
+    for a, b in zip(*stores):
+        np.testing.assert_array_equal(a, b)

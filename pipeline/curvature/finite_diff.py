@@ -13,7 +13,7 @@ h/2: where the two disagree by more than 1%, the entry is flagged non-smooth.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import keras
 import numpy as np
@@ -61,13 +61,18 @@ def finite_difference_derivatives(
     weight: str = "kernel",
     step: float = 1e-5,
     batch_size: int = 256,
+    batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> FiniteDifferences:
-    """Float64 central differences of the mean loss at each multi-index of the weight."""
+    """Float64 central differences of the mean loss at each multi-index of the weight.
+
+    ``batches``, when given, returns the data's (x, y) batches afresh on each call (streamed data), in place of ``x``, ``y``.
+    """
     model64 = float64_clone(model)
     variable = getattr(resolve_target(model64, layer, weight).layer, weight)
     loss_fn = get_loss(loss, from_logits)
-    batches = [(tf.constant(bx, tf.float64), tf.constant(by)) for bx, by in batches_of(np.asarray(x), np.asarray(y), batch_size)]
-    examples = len(x)
+    if batches is None:
+        held = batches_of(np.asarray(x), np.asarray(y), batch_size)
+        batches = lambda: held  # noqa: E731
 
     @tf.function
     def value_and_grad(bx, by):
@@ -76,11 +81,12 @@ def finite_difference_derivatives(
         return total, tape.gradient(total, variable)
 
     def evaluate():
-        total, grad = 0.0, 0.0
-        for bx, by in batches:
-            value, g = value_and_grad(bx, by)
+        total, grad, examples = 0.0, 0.0, 0
+        for bx, by in batches():
+            value, g = value_and_grad(tf.constant(bx, tf.float64), tf.constant(by))
             total += float(value)
             grad = grad + g.numpy()
+            examples += len(bx)
         return total / examples, grad / examples
 
     base = variable.numpy().copy()

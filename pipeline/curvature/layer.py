@@ -118,22 +118,30 @@ class LayerCurvature:
 
     def compute(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], out_channels: slice | None = None) -> Derivatives:
         """Derivatives of the mean loss over all ``batches`` for ``out_channels``."""
-        channels = channel_slice(self.target, out_channels)
         examples = sum(len(x) for x, _ in batches)
         if examples == 0:
             raise BadInputError("the data set is empty")
+        sums = self.compute_sums(batches, out_channels)
+        if self.stderr is not None:
+            self.stderr = self.stderr / examples
+        return Derivatives(sums.gradient / examples, sums.hessian_diagonal / examples)
+
+    def compute_sums(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], out_channels: slice | None = None) -> Derivatives:
+        """float64 sums over the examples of ``batches`` (per batch, then batches in order) for ``out_channels``.
+
+        Partial sums of example blocks fold into the sums over all data; dividing by the number of
+        examples gives the derivatives of the mean loss.
+        """
+        channels = channel_slice(self.target, out_channels)
         grad = self._sum(self._batch_gradient(x, y, channels) for x, y in batches)
         if not self.choice.exact:
             diag, stderr = self.engine.diagonal_sum(batches, channels)
-            self.stderr = as_kernel(stderr / examples, self.target, channels)
+            self.stderr = as_kernel(stderr, self.target, channels)
         else:
             diag = self._sum(self.engine.batch_diagonal(x, y, channels) for x, y in batches)
         if not np.all(np.isfinite(diag)):
             raise NonFiniteLossError(f"the Hessian diagonal of layer {self.target.layer.name!r} is not finite")
-        return Derivatives(
-            gradient=as_kernel(grad / examples, self.target, channels),
-            hessian_diagonal=as_kernel(diag / examples, self.target, channels),
-        )
+        return Derivatives(as_kernel(grad, self.target, channels), as_kernel(diag, self.target, channels))
 
     def _batch_gradient(self, x, y, channels: slice) -> tf.Tensor:
         grad, total = self._gradient(x, y, tf.constant(channels.start), tf.constant(channels.stop))
