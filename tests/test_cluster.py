@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.coordinator import run
 from pipeline.store import ResultStore
 from tests.cluster import LocalCluster, cluster_env
-from pipeline.coordinator import run
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 pytestmark = pytest.mark.slow
