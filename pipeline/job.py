@@ -104,7 +104,7 @@ class Job:
         engine = self.curvature.engine
         if self.curvature.choice.name == "exact":
             engine.time_chunk(x, y)  # trace
-            seconds = engine.time_chunk(x, y) / engine.chunk_size * engine.entries(channels)
+            seconds = engine.time_chunk(x, y) / engine.chunk_size * engine.directions(channels)
         else:
             self.curvature.compute_sums([(x, y)], channels)  # trace
             started = time.perf_counter()

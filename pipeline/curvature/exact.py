@@ -1,9 +1,16 @@
-"""Exact Hessian diagonal for any differentiable suffix, one HVP per entry.
+"""Exact Hessian diagonal for any differentiable suffix, by Hessian-vector products in z-space.
 
-For entry j = (p, o) of W the direction in z-space is u_j = dz/dW_j: the
-input patches at feature p, placed in output channel o. Then
+Entry method (one HVP per entry): for entry j = (p, o) of W the direction in z-space
+is u_j = dz/dW_j, the input patches at feature p placed in output channel o, and
 H_W[j, j] = <u_j, H_z u_j>, with H_z u_j a forward-over-reverse product taken
 w.r.t. z (not W), vectorized over a chunk of entries.
+
+Block method (one HVP per output position): examples are independent, so the unit
+vector of z at position s of channel o in every example gives, per example n, row s
+of the S x S block B[n, o] of H_z within channel o. Then
+H_W[p, o] = sum_n sum_{s, s'} P[n, s, p] B[n, o, s, s'] P[n, s', p]. It costs S x O
+HVPs instead of F x O (F = entries per channel), so each layer takes whichever is
+fewer: Dense kernels (S = 1) need one HVP per output unit.
 """
 
 from __future__ import annotations
@@ -37,39 +44,73 @@ def entry_curvatures(problem: Problem, x, y, p_ids: tf.Tensor, o_ids: tf.Tensor)
     return tf.vectorized_map(one, tf.stack([p_ids, o_ids], axis=1))
 
 
+def position_rows(problem: Problem, x, y, s_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
+    """(K, N, S): for direction k, H_z times the unit vector at (position s_ids[k], channel o_ids[k]) of every
+    example, restricted to channel o_ids[k]: row s of each example's block B[n, o]."""
+    target = problem.target
+    a = target.layer_input(x)
+    z = target.pre_activation(a)
+    flat = target.flat_output(z)
+    positions, channels = int(np.prod(target.layer.output.shape[1:-1])), target.out_channels
+
+    def loss_of(delta):
+        return problem.loss_sum(x, y, delta)
+
+    def one(ids):
+        unit = tf.one_hot(ids[0], positions, dtype=z.dtype)[:, None] * tf.one_hot(ids[1], channels, dtype=z.dtype)[None, :]
+        u = tf.reshape(tf.broadcast_to(unit, (tf.shape(flat)[0], positions, channels)), tf.shape(z))
+        hu = target.flat_output(hvp(loss_of, tf.zeros_like(z), u))
+        return tf.gather(hu, ids[1], axis=2)
+
+    return tf.vectorized_map(one, tf.stack([s_ids, o_ids], axis=1))
+
+
 class ExactEngine:
-    """Per-batch exact diagonal, ``chunk_size`` entries vectorized per call."""
+    """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method."""
 
     name = "exact"
 
     def __init__(self, problem: Problem, chunk_size: int = 128):
         self.problem = problem
         self.chunk_size = chunk_size
+        target = problem.target
+        self.features = int(np.prod(target.shape[:-1]))
+        self.positions = int(np.prod(target.layer.output.shape[1:-1]))
+        self.method = "block" if self.positions < self.features else "entry"
         self._curvatures = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o))
+        self._rows = tf.function(lambda x, y, s, o: position_rows(problem, x, y, s, o))
+        self._patches = tf.function(target.input_patches)
 
     def batch_diagonal(self, x, y, channels: slice) -> tf.Tensor:
         """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
-        features = int(tf.reduce_prod(self.problem.target.shape[:-1]))
         outs = channels.stop - channels.start
-        p_ids = tf.tile(tf.range(features, dtype=tf.int32), [outs])
-        o_ids = tf.repeat(tf.range(channels.start, channels.stop, dtype=tf.int32), features)
-        total = features * outs
+        inner = self.positions if self.method == "block" else self.features
+        inner_ids = tf.tile(tf.range(inner, dtype=tf.int32), [outs])
+        o_ids = tf.repeat(tf.range(channels.start, channels.stop, dtype=tf.int32), inner)
+        products = self._rows if self.method == "block" else self._curvatures
+        total = inner * outs
         pieces = []
         for start in range(0, total, self.chunk_size):
             stop = min(start + self.chunk_size, total)
-            p_chunk, o_chunk = self._padded(p_ids[start:stop]), self._padded(o_ids[start:stop])
-            pieces.append(self._curvatures(x, y, p_chunk, o_chunk)[: stop - start])
+            inner_chunk, o_chunk = self._padded(inner_ids[start:stop]), self._padded(o_ids[start:stop])
+            pieces.append(products(x, y, inner_chunk, o_chunk)[: stop - start])
         flat = tf.concat(pieces, axis=0)
-        return tf.transpose(tf.reshape(flat, (outs, features)))
+        if self.method == "entry":
+            return tf.transpose(tf.reshape(flat, (outs, self.features)))
+        rows = tf.reshape(flat, (outs, self.positions, len(x), self.positions))  # [o, s, n, s'] = B[n, o, s, s']
+        patches = self._patches(x)  # (N, S, P)
+        return tf.einsum("nsp,osnt,ntp->po", patches, rows, patches)
 
-    def entries(self, channels: slice) -> int:
-        return int(np.prod(self.problem.target.shape[:-1])) * (channels.stop - channels.start)
+    def directions(self, channels: slice) -> int:
+        """HVPs per example block for ``channels``: the unit of this engine's cost."""
+        return (self.positions if self.method == "block" else self.features) * (channels.stop - channels.start)
 
     def time_chunk(self, x, y) -> float:
-        """Seconds for one vectorized chunk of entries on examples ``x``: the unit of this engine's cost."""
+        """Seconds for one vectorized chunk of HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
+        products = self._rows if self.method == "block" else self._curvatures
         started = time.perf_counter()
-        self._curvatures(x, y, ids, ids).numpy()
+        products(x, y, ids, ids).numpy()
         return time.perf_counter() - started
 
     def _padded(self, ids: tf.Tensor) -> tf.Tensor:

@@ -7,6 +7,8 @@ they produce one batch's sum of Hessian-diagonal entries.
 
 from __future__ import annotations
 
+import collections
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
@@ -160,6 +162,28 @@ class LayerCurvature:
         return total
 
 
+_CURVATURES: "collections.OrderedDict[tuple, tuple[weakref.ref, LayerCurvature]]" = collections.OrderedDict()
+CACHED_CURVATURES = 8
+
+
+def cached_curvature(model: keras.Model, layer: str, **options) -> LayerCurvature:
+    """The LayerCurvature (with its traced functions) of a recent call for the same model, layer and options.
+
+    A repeated ``layer_derivatives`` call then costs its compute, not new tracing. The few most
+    recent are kept; the model's weights are read when computing, so updated weights are seen.
+    """
+    key = (id(model), layer, tuple(sorted(options.items())))
+    found = _CURVATURES.get(key)
+    if found is not None and found[0]() is model:
+        _CURVATURES.move_to_end(key)
+        return found[1]
+    curvature = LayerCurvature(model, layer, **options)
+    _CURVATURES[key] = (weakref.ref(model), curvature)
+    while len(_CURVATURES) > CACHED_CURVATURES:
+        _CURVATURES.popitem(last=False)
+    return curvature
+
+
 def layer_derivatives(
     model: keras.Model,
     layer: str,
@@ -182,6 +206,6 @@ def layer_derivatives(
     (a stochastic estimate). Results are float64 NumPy arrays shaped like the
     weight, or like its slice ``[..., out_channels]``.
     """
-    curvature = LayerCurvature(model, layer, loss=loss, from_logits=from_logits, weight=weight, engine=engine, **engine_options)
+    curvature = cached_curvature(model, layer, loss=loss, from_logits=from_logits, weight=weight, engine=engine, **engine_options)
     curvature.check_data(x, y)
     return curvature.compute(batches_of(np.asarray(x), np.asarray(y), batch_size), out_channels)

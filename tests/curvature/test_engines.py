@@ -79,3 +79,37 @@ def test_monte_carlo_on_smooth_suffix_is_refused():
     case = _case("cnn_gelu")
     with pytest.raises(BadInputError, match="monte_carlo' needs a piecewise-linear suffix"):
         LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=True, engine="monte_carlo")
+
+
+@pytest.mark.parametrize("name", ["strided_valid", "mlp_tanh", "cnn_gelu"])
+def test_exact_engine_block_and_entry_methods_agree(name):
+    case = _case(name)
+    model = case.model()
+    x, y = case.data()
+    curvature = LayerCurvature(model, case.layer, loss=case.loss, from_logits=case.from_logits, engine="exact", chunk_size=16)
+    results = {}
+    for method in ("block", "entry"):
+        curvature.engine.method = method
+        results[method] = curvature.compute(batches_of(x, y, 3)).hessian_diagonal
+    scale = np.abs(results["entry"]).max()
+    np.testing.assert_allclose(results["block"], results["entry"], rtol=0, atol=1e-5 * scale)
+    reference = value_reference(case)
+    assert np.abs(results["block"] - reference.hessian_diagonal)[reference.smooth].max() <= 1e-5 * np.abs(reference.hessian_diagonal).max()
+
+
+def test_exact_engine_takes_the_cheaper_method_per_layer():
+    dense = LayerCurvature(_case("mlp_tanh").model(), "target", loss="mse", engine="exact")
+    assert dense.engine.method == "block" and dense.engine.positions == 1  # one HVP per output unit
+    conv = LayerCurvature(_case("cnn_gelu").model(), "target", loss="categorical_crossentropy", from_logits=True, engine="exact")
+    assert conv.engine.method == "entry" and conv.engine.features < conv.engine.positions
+
+
+def test_layer_derivatives_reuses_its_compiled_state():
+    from pipeline.curvature.layer import cached_curvature
+
+    case = _case("mlp_tanh")
+    model = case.model()
+    first = cached_curvature(model, case.layer, loss=case.loss, engine="exact")
+    assert cached_curvature(model, case.layer, loss=case.loss, engine="exact") is first
+    assert cached_curvature(model, case.layer, loss=case.loss, engine="hutchinson") is not first
+    assert cached_curvature(case.model(), case.layer, loss=case.loss, engine="exact") is not first  # another model
