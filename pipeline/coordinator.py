@@ -227,7 +227,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
 
                 executor.execute(state.todo, on_done, on_retry, lambda: store.heartbeat(token))
             except Interrupted as exc:
-                finished = len(state.done) + len(result.computed)
+                finished = len(unit_state(store, plan, {s.index for s in store.verify(plan)[0]}).done)
                 raise Interrupted(exc.signum, f"interrupted; {finished} of {total} units done;"
                                   " rerun the same command to resume") from None
             finally:

@@ -108,9 +108,9 @@ def test_driver_sigkill_mid_unit_then_rerun_finishes_only_missing_units(referenc
     _, _, path = reference
     out = tmp_path / "s.zarr"
     config_path = write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0}))
-    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 2)
+    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 1)
     done_before = set(ResultStore.open(str(out), mode="r").unit_records())
-    assert 2 <= len(done_before) < 4
+    assert 1 <= len(done_before) < 4
     assert ResultStore.open(str(out), mode="r").lock_info() is not None  # left behind by the killed driver
     result = run(tiny_config(out, validation={"samples": 0}), live=False)
     assert done_before <= set(result.skipped) and not set(result.computed) & set(result.skipped)

@@ -53,7 +53,7 @@ def s3_config(name, options, **sections):
 
 
 def recorded_units(client, name):
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/units/")
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/units/g")  # not the parent group's own zarr.json
     return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith("zarr.json")]
 
 
@@ -92,9 +92,9 @@ def test_driver_killed_then_resumed_on_s3(s3, s3_run, tmp_path):
     url = f"s3://{BUCKET}/resumed.zarr"
     raw = tiny_raw(url, storage_options=options, data=SLOWER, validation={"samples": 0})
     config_path = write_config(tmp_path / "c.yaml", raw)
-    kill_driver_when(start_driver(config_path), lambda: len(recorded_units(client, "resumed")) >= 2)
+    kill_driver_when(start_driver(config_path), lambda: len(recorded_units(client, "resumed")) >= 1)
     before = set(ResultStore.open(url, options, mode="r").unit_records())
-    assert 2 <= len(before) < 12
+    assert 1 <= len(before) < 12
     result = run(s3_config("resumed", options, validation={"samples": 0}), live=False)
     assert before <= set(result.skipped) and sorted(result.computed + result.skipped) == UNITS12
     for mine, theirs in zip(arrays(url, options), arrays(full.output, options)):
