@@ -35,7 +35,7 @@ def tanh_cnn() -> keras.Model:
     inp = keras.Input((8, 8, 3))
     h = L.Conv2D(16, 3, padding="same", activation="tanh")(inp)
     h = L.Conv2D(32, 3, padding="same", activation="tanh", name="target")(h)
-    return keras.Model(inp, L.Dense(10)(L.Flatten()(L.AveragePooling2D()(h))))
+    return keras.Model(inp, L.Dense(10)(L.Flatten()(L.AveragePooling2D(2)(h))))
 
 
 def best_of(fn, repeats: int = 3) -> float:
