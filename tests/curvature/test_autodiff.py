@@ -5,6 +5,26 @@ import tensorflow as tf
 from pipeline.curvature import flat_hessian, hessian_diagonal, per_example_hessians, rowwise_hessian_diagonal
 
 
+def value_second_derivatives(f, x, pairs, step=1e-3) -> np.ndarray:
+    """d²f/dx_i dx_j at flat index pairs (i, j) from float64 VALUES of f only: central differences,
+    Richardson-extrapolated over steps h and h/2 (no autodiff, so independent of the nested tapes)."""
+    x = np.asarray(x, np.float64)
+    flat = x.ravel()
+
+    def at(i, si, j, sj, h):
+        shifted = flat.copy()
+        shifted[i] += si * h
+        shifted[j] += sj * h
+        return float(f(tf.constant(shifted.reshape(x.shape))))
+
+    found = []
+    for i, j in pairs:
+        estimates = [(at(i, 1, j, 1, h) - at(i, 1, j, -1, h) - at(i, -1, j, 1, h) + at(i, -1, j, -1, h)) / (4 * h * h)
+                     for h in (step, step / 2)]
+        found.append((4 * estimates[1] - estimates[0]) / 3)
+    return np.array(found)
+
+
 def test_seed_case_reduce_prod():
     f = lambda v: tf.reduce_prod(v**2 - 3 * v + 1)  # noqa: E731
     x = tf.constant([[1.0], [2.0], [0.0]], tf.float64)
@@ -50,7 +70,10 @@ def test_hessian_diagonal_matches_full_jacobian_of_gradient(shape):
     full = outer.jacobian(grad, x)
     size = int(np.prod(shape))
     expected = np.diagonal(tf.reshape(full, (size, size)).numpy()).reshape(shape)
-    np.testing.assert_allclose(hessian_diagonal(f, x, chunk_size=4).numpy(), expected, rtol=1e-10, atol=1e-12)
+    diag = hessian_diagonal(f, x, chunk_size=4).numpy()
+    np.testing.assert_allclose(diag, expected, rtol=1e-10, atol=1e-12)
+    from_values = value_second_derivatives(f, x, [(i, i) for i in range(size)]).reshape(shape)
+    np.testing.assert_allclose(diag, from_values, rtol=1e-6, atol=1e-8)
 
 
 def test_hessian_diagonal_of_conv_kernel_in_bounded_memory():
@@ -70,6 +93,10 @@ def test_hessian_diagonal_of_conv_kernel_in_bounded_memory():
             directional = tf.reduce_sum(inner.gradient(value, kernel) * e)
         expected = float(tf.reduce_sum(outer.gradient(directional, kernel) * e))
         np.testing.assert_allclose(float(diag[index]), expected, rtol=2e-4, atol=1e-6)
+        flat_index = int(np.ravel_multi_index(index, kernel.shape))
+        f64 = lambda w: tf.reduce_sum(tf.tanh(tf.nn.conv2d(tf.cast(image, tf.float64), w, 1, "SAME")) ** 2)  # noqa: E731
+        from_values = value_second_derivatives(f64, kernel.numpy(), [(flat_index, flat_index)])[0]
+        np.testing.assert_allclose(float(diag[index]), from_values, rtol=2e-4, atol=1e-6)
 
 
 def test_flat_hessian_includes_cross_blocks():
@@ -101,6 +128,10 @@ def test_flat_hessian_includes_cross_blocks():
     expected = np.stack([(grad_at(theta + h * e) - grad_at(theta - h * e)) / (2 * h) for e in np.eye(11)], axis=1)
     grad_at(theta)
     np.testing.assert_allclose(flat.matrix, expected, rtol=1e-6, atol=1e-7)
+    # and every entry, cross blocks included, from values of g alone
+    all_pairs = [(i, j) for i in range(11) for j in range(11)]
+    from_values = value_second_derivatives(lambda t: g(*flat.unflatten(t.numpy())), theta, all_pairs).reshape(11, 11)
+    np.testing.assert_allclose(flat.matrix, from_values, rtol=1e-6, atol=1e-8)
     assert np.abs(flat.block(0, 1)).max() > 0.1  # the off-diagonal block tf.hessians would drop
     assert flat.block(0, 1).shape == (2, 3, 4)
     # the diagonal blocks agree with tf.hessians, which returns only those
@@ -131,3 +162,6 @@ def test_per_example_hessians_match_brute_force_with_unknown_batch():
             grad = inner.gradient(value, row)
         expected = tf.reshape(outer.jacobian(grad, row), (3, 3)).numpy()
         np.testing.assert_allclose(actual[n], expected, rtol=1e-12, atol=1e-12)
+        pairs = [(3 * n + i, 3 * n + j) for i in range(3) for j in range(3)]
+        from_values = value_second_derivatives(f, x.numpy(), pairs).reshape(3, 3)
+        np.testing.assert_allclose(actual[n], from_values, rtol=1e-6, atol=1e-8)
