@@ -191,8 +191,8 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         for group in range(len(plan.groups)):
             if not group_complete(plan, group, done_shards):
                 clean_group(store, plan, group)
-                fold_group(store, plan, group)  # partials a crash left unfolded
-        done_shards = {s.index for s in store.verify(plan)[0]}
+                if fold_group(store, plan, group):  # partials a crash left unfolded completed the group
+                    done_shards |= {shard.index for shard in plan.shards_of(group)}
         state = unit_state(store, plan, done_shards)
         total = len(plan.units)
         progress = RunProgress(total, len(state.done), live)

@@ -22,12 +22,19 @@ def running_name(group: int, folded: int) -> str:
     return f"g{group:05d}-k{folded:05d}"
 
 
+def latest_running(store: ResultStore, group: int) -> tuple[int, tuple | None]:
+    """(blocks folded, their sums) of ``group``'s newest complete running sum; (0, None) when there is none."""
+    prefix = f"g{group:05d}-k"
+    for name in sorted((n for n in store.sums_names("running") if n.startswith(prefix)), reverse=True):
+        sums = store.valid_sums("running", name)
+        if sums is not None:
+            return int(name[len(prefix):]), sums
+    return 0, None
+
+
 def folded_blocks(store: ResultStore, group: int) -> int:
     """How many blocks of ``group`` the newest complete running sum holds (0: none yet)."""
-    prefix = f"g{group:05d}-k"
-    valid = [int(name[len(prefix):]) for name in store.sums_names("running")
-             if name.startswith(prefix) and store.sums_valid("running", name)]
-    return max(valid, default=0)
+    return latest_running(store, group)[0]
 
 
 def group_complete(plan: Plan, group: int, done_shards: set[int]) -> bool:
@@ -61,28 +68,28 @@ def clean_group(store: ResultStore, plan: Plan, group: int) -> None:
     for name in store.sums_names("running"):
         if name.startswith(f"g{group:05d}-k") and name != running_name(group, folded):
             store.delete_sums("running", name)
+    present = set(store.sums_names("partials"))
     for block in range(plan.blocks):
         name = partial_name(group, block)
-        if block < folded or (name in store.sums_names("partials") and not store.sums_valid("partials", name)):
+        if block < folded or (name in present and not store.sums_valid("partials", name)):
             store.delete_sums("partials", name)
 
 
 def fold_group(store: ResultStore, plan: Plan, group: int) -> bool:
     """Fold ``group``'s ready partials in block order; once all are folded, write its shards. True when done."""
-    folded = folded_blocks(store, group)
-    while folded < plan.blocks and store.sums_valid("partials", partial_name(group, folded)):
-        gradient, diagonal = store.read_sums("partials", partial_name(group, folded))
-        if folded:
-            running_gradient, running_diagonal = store.read_sums("running", running_name(group, folded))
-            gradient, diagonal = running_gradient + gradient, running_diagonal + diagonal
-        store.write_sums("running", running_name(group, folded + 1), gradient, diagonal)
+    folded, running = latest_running(store, group)
+    while folded < plan.blocks:
+        partial = store.valid_sums("partials", partial_name(group, folded))
+        if partial is None:
+            break
+        running = partial if running is None else (running[0] + partial[0], running[1] + partial[1])
+        store.write_sums("running", running_name(group, folded + 1), *running)
         store.delete_sums("running", running_name(group, folded))
         store.delete_sums("partials", partial_name(group, folded))
         folded += 1
     if folded < plan.blocks:
         return False
-    gradient, diagonal = store.read_sums("running", running_name(group, folded))
-    gradient, diagonal = gradient / plan.examples, diagonal / plan.examples
+    gradient, diagonal = running[0] / plan.examples, running[1] / plan.examples
     first = plan.groups[group][0]
     for shard in plan.shards_of(group):
         local = slice(shard.start - first, shard.stop - first)

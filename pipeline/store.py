@@ -176,13 +176,17 @@ class ResultStore:
         group = self.group[kind][name]
         return tuple(np.asarray(group[array_name][...]) for array_name in ARRAYS)
 
-    def sums_valid(self, kind: str, name: str) -> bool:
-        """True when the sums exist, are complete, and still match their checksum."""
+    def valid_sums(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sums, read once, when they exist, are complete and still match their checksum; else None."""
         try:
             checksum = self.group[kind][name].attrs.get("checksum")
-            return checksum is not None and shard_checksum(*self.read_sums(kind, name)) == checksum
+            sums = self.read_sums(kind, name) if checksum is not None else None
         except Exception:  # noqa: BLE001 - missing, partly written or undecodable: not valid
-            return False
+            return None
+        return sums if sums is not None and shard_checksum(*sums) == checksum else None
+
+    def sums_valid(self, kind: str, name: str) -> bool:
+        return self.valid_sums(kind, name) is not None
 
     def sums_names(self, kind: str) -> list[str]:
         return sorted(self.group[kind].group_keys()) if kind in self.group else []

@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_engines import best_of  # noqa: E402  (scripts/ is on the path when run as a script)
 from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives  # noqa: E402
 from pipeline.worker import configure_tensorflow  # noqa: E402
 
@@ -36,16 +37,6 @@ def tanh_cnn() -> keras.Model:
     h = L.Conv2D(16, 3, padding="same", activation="tanh")(inp)
     h = L.Conv2D(32, 3, padding="same", activation="tanh", name="target")(h)
     return keras.Model(inp, L.Dense(10)(L.Flatten()(L.AveragePooling2D(2)(h))))
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:

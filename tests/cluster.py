@@ -76,6 +76,13 @@ def start_driver(config_path: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def recorded_units(path) -> int:
+    """Units recorded done in the store at ``path`` (0 before it exists)."""
+    from pipeline.store import ResultStore
+
+    return len(ResultStore.open(str(path), mode="r").unit_records()) if ResultStore.exists(str(path)) else 0
+
+
 def kill_driver_when(process: subprocess.Popen, ready, timeout: float = 240, poll: float = 0.05) -> None:
     """SIGKILL a driver once ``ready()`` is true (then its process group); fail if it ends first."""
     deadline = time.time() + timeout

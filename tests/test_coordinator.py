@@ -12,7 +12,7 @@ from pipeline.coordinator import run
 from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
 from pipeline.job import Job
 from pipeline.store import ResultStore
-from tests.cluster import kill_driver_when, start_driver
+from tests.cluster import kill_driver_when, recorded_units, start_driver
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 
@@ -99,16 +99,11 @@ def test_killed_actor_mid_shard_is_retried_bit_identical(reference, tmp_path):
         np.testing.assert_array_equal(mine, theirs)
 
 
-def recorded(path) -> int:
-    """Units recorded done in the store at ``path`` (0 before it exists)."""
-    return len(ResultStore.open(str(path), mode="r").unit_records()) if ResultStore.exists(str(path)) else 0
-
-
 def test_driver_sigkill_mid_unit_then_rerun_finishes_only_missing_units(reference, tmp_path):
     _, _, path = reference
     out = tmp_path / "s.zarr"
     config_path = write_config(tmp_path / "c.yaml", tiny_raw(out, validation={"samples": 0}))
-    kill_driver_when(start_driver(config_path), lambda: recorded(out) >= 1)
+    kill_driver_when(start_driver(config_path), lambda: recorded_units(out) >= 1)
     done_before = set(ResultStore.open(str(out), mode="r").unit_records())
     assert 1 <= len(done_before) < 4
     assert ResultStore.open(str(out), mode="r").lock_info() is not None  # left behind by the killed driver

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.coordinator import run
 from pipeline.store import ResultStore
-from tests.cluster import free_port, kill_group
+from tests.cluster import free_port, kill_group, recorded_units
 from tests.conftest import tiny_config, tiny_raw, write_config
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
@@ -25,10 +25,6 @@ SLOW = {
     "compute": {"engine": "factored", "example_block": 16},
     "validation": {"samples": 0},
 }
-
-
-def recorded(path) -> int:
-    return len(ResultStore.open(str(path), mode="r").unit_records()) if ResultStore.exists(str(path)) else 0
 
 
 def hessdiag(*args, timeout=300, env=None):
@@ -51,7 +47,7 @@ def test_signal_stops_the_run_cleanly_and_rerun_resumes(reference, tmp_path, sig
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
-        while recorded(out) < 1 and time.time() < deadline and process.poll() is None:
+        while recorded_units(out) < 1 and time.time() < deadline and process.poll() is None:
             time.sleep(0.05)
         assert process.poll() is None, "the run ended before the signal"
         os.kill(process.pid, signum)

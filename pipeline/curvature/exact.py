@@ -87,7 +87,7 @@ class ExactEngine:
         inner = self.positions if self.method == "block" else self.features
         inner_ids = tf.tile(tf.range(inner, dtype=tf.int32), [outs])
         o_ids = tf.repeat(tf.range(channels.start, channels.stop, dtype=tf.int32), inner)
-        products = self._rows if self.method == "block" else self._curvatures
+        products = self._products
         total = inner * outs
         pieces = []
         for start in range(0, total, self.chunk_size):
@@ -101,6 +101,11 @@ class ExactEngine:
         patches = self._patches(x)  # (N, S, P)
         return tf.einsum("nsp,osnt,ntp->po", patches, rows, patches)
 
+    @property
+    def _products(self):
+        """The traced HVP products of the chosen method: rows of position blocks, or entry curvatures."""
+        return self._rows if self.method == "block" else self._curvatures
+
     def directions(self, channels: slice) -> int:
         """HVPs per example block for ``channels``: the unit of this engine's cost."""
         return (self.positions if self.method == "block" else self.features) * (channels.stop - channels.start)
@@ -108,9 +113,8 @@ class ExactEngine:
     def time_chunk(self, x, y) -> float:
         """Seconds for one vectorized chunk of HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
-        products = self._rows if self.method == "block" else self._curvatures
         started = time.perf_counter()
-        products(x, y, ids, ids).numpy()
+        self._products(x, y, ids, ids).numpy()
         return time.perf_counter() - started
 
     def _padded(self, ids: tf.Tensor) -> tf.Tensor:

@@ -98,14 +98,25 @@ def activation_name(layer) -> str | None:
     return getattr(activation, "__name__", type(activation).__name__)
 
 
+def is_keras_activation(name: str, fn) -> bool:
+    """True when ``fn`` is Keras' own activation called ``name`` (not a custom function of that name)."""
+    return getattr(keras.activations, name, None) is fn
+
+
+def _activation_rule(layer) -> tuple[str, Callable] | None:
+    """The rule for ``layer``'s own Keras activation, if it has one."""
+    name = activation_name(layer)
+    return ACTIVATION_RULES[name] if name in ACTIVATION_RULES and is_keras_activation(name, layer.activation) else None
+
+
 def rule_for(layer: keras.layers.Layer) -> str | None:
     """What rule (if any) changes how ``layer`` is evaluated for second derivatives."""
     parts = []
     if type(layer) in LAYER_RULES:
         parts.append(LAYER_RULES[type(layer)][0])
-    name = activation_name(layer)
-    if name in ACTIVATION_RULES and getattr(keras.activations, name, None) is layer.activation:
-        parts.append(f"activation {name}: {ACTIVATION_RULES[name][0]}")
+    activation_rule = _activation_rule(layer)
+    if activation_rule:
+        parts.append(f"activation {activation_name(layer)}: {activation_rule[0]}")
     return "; ".join(parts) or None
 
 
@@ -121,10 +132,10 @@ def second_order_rules(layers) -> Iterator[None]:
             if type(layer) in LAYER_RULES:
                 layer.call = LAYER_RULES[type(layer)][1](layer)
                 patched_calls.append(layer)
-            name = activation_name(layer)
-            if name in ACTIVATION_RULES and getattr(keras.activations, name, None) is layer.activation:
+            rule = _activation_rule(layer)
+            if rule:
                 patched_activations.append((layer, layer.activation))
-                layer.activation = ACTIVATION_RULES[name][1]
+                layer.activation = rule[1]
         yield
     finally:
         for layer in patched_calls:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.audit import AuditResult, audit_function, load_table
-from pipeline.curvature.layer_rules import activation_name, rule_for, second_order_rules
+from pipeline.curvature.layer_rules import activation_name, is_keras_activation, rule_for, second_order_rules
 from pipeline.curvature.suffix import suffix_layers
 from pipeline.curvature.target import Target
 from pipeline.errors import BadInputError
@@ -31,10 +31,6 @@ def _table() -> dict:
 
 def _is_keras_class(layer) -> bool:
     return getattr(keras.layers, type(layer).__name__, None) is type(layer)
-
-
-def _is_keras_activation(name: str, fn) -> bool:
-    return getattr(keras.activations, name, None) is fn
 
 
 def flatten_layers(layers) -> list[keras.layers.Layer]:
@@ -113,7 +109,7 @@ def check_second_order(target: Target) -> SecondOrderCheck:
         name = activation_name(layer)
         if name is None:
             continue
-        entry = table["activations"].get(name) if _is_keras_activation(name, layer.activation) else None
+        entry = table["activations"].get(name) if is_keras_activation(name, layer.activation) else None
         if entry is None:
             result = audit_activation(name, layer.activation)
             audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
