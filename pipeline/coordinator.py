@@ -8,8 +8,6 @@ order; corrupt shards are forgotten and their group's units rerun.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,6 +20,7 @@ from pipeline.job import Job
 from pipeline.plan import Plan, auto_example_block
 from pipeline.progress import RunProgress
 from pipeline.reduction import clean_group, fold_group, group_complete, unit_state
+from pipeline.stop_signals import install_stop_handlers, restore_handlers
 from pipeline.store import ResultStore, check_writable
 from pipeline.validate import validate_store
 from pipeline.worker import configure_tensorflow
@@ -133,28 +132,6 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
             )
         return store
     return ResultStore.create(url, options, plan, attrs)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def install_stop_handlers() -> dict:
-    """SIGTERM and Ctrl-C raise ``Interrupted`` in the coordinator; returns the handlers they replace.
-
-    Called again after Ray starts, because ``ray.init`` installs its own SIGTERM handler.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
-
-
-def restore_handlers(saved: dict) -> None:
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:

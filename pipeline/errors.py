@@ -17,8 +17,11 @@ class NonFiniteLossError(BadInputError):
     """The loss (or its derivatives) is NaN or infinite at the given weights."""
 
 
-class Interrupted(HessdiagError):
-    """SIGTERM or Ctrl-C stopped the run between units; exit code 128 + the signal number (143, 130)."""
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C stopped the run; exit code 128 + the signal number (143, 130).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that ``except Exception`` cannot swallow it.
+    """
 
     def __init__(self, signum: int, message: str | None = None):
         super().__init__(message or f"interrupted by signal {signum}")

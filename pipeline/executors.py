@@ -17,6 +17,7 @@ from pipeline.config import Config
 from pipeline.errors import HessdiagError
 from pipeline.plan import Unit
 from pipeline.ray_auth import use_available_token
+from pipeline.stop_signals import raise_if_stopped
 from pipeline.worker import UnitWorker
 
 HEARTBEAT_SECONDS = 10.0
@@ -34,6 +35,7 @@ class LocalExecutor:
 
     def execute(self, units: list[Unit], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
         for unit in units:
+            raise_if_stopped()
             on_done(unit, self.worker.run_unit(unit))
             heartbeat()
 
@@ -116,6 +118,7 @@ class RayExecutor:
         submit()
         last_beat = time.monotonic()
         while tasks or (queue and starting):
+            raise_if_stopped()
             # short waits keep SIGTERM and Ctrl-C responsive; the lock's heartbeat is written every 10 s
             ready, _ = ray.wait(list(tasks) + list(starting), num_returns=1, timeout=1.0)
             if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.coordinator import run
+from pipeline.errors import Interrupted
+from pipeline.stop_signals import install_stop_handlers, raise_if_stopped, restore_handlers
 from pipeline.store import ResultStore
 from tests.cluster import free_port, kill_group, recorded_units
 from tests.conftest import tiny_config, tiny_raw, write_config
@@ -37,6 +39,22 @@ def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("ref") / "ref.zarr"
     run(tiny_config(path, **SLOW, cluster={"executor": "local"}), live=False)
     return path
+
+
+def test_a_stop_signal_is_not_swallowed_by_code_that_catches_any_exception():
+    saved = install_stop_handlers()
+    try:
+        with pytest.raises(Interrupted):
+            try:  # as store code does when it reads "any exception" as "this chunk is unreadable"
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Exception:  # noqa: BLE001
+                pass
+        with pytest.raises(Interrupted):  # and the executors see it again between units
+            raise_if_stopped()
+    finally:
+        restore_handlers(saved)
+    raise_if_stopped()
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
