@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature.problem import Problem, logits_output
+from pipeline.curvature.layer_rules import IDENTITY_RULE, activation_has_transpose_rule, activation_name, transpose_rule
+from pipeline.curvature.problem import Problem, logits_output, output_layer
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 SPARSE_MIN_CLASSES = 64
@@ -56,6 +58,55 @@ def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax
         return target.flat_output(v)[:, :, start:stop]
 
     return tf.vectorized_map(column, column_ids)
+
+
+def rule_chain(problem: Problem, peel_softmax: bool) -> list | None:
+    """(layer, rule) for the layers after the target, in order, when they form a chain that transpose
+    rules cover (a peeled final softmax counts as the identity); else None.
+
+    Then the factor columns go back through one batched op per layer (``rule_columns``);
+    any other suffix (branches, merges, layers without a rule) uses autodiff (``factor_columns``).
+    """
+    target = problem.target
+    last = output_layer(target.model)
+    if len(target.layer._inbound_nodes) != 1:
+        return None
+    layer, chain = target.layer, []
+    with logits_output(target.model) if peel_softmax else contextlib.nullcontext():
+        while layer is not last:
+            if len(layer._outbound_nodes) != 1:
+                return None
+            node = layer._outbound_nodes[0]
+            layer = node.operation
+            peeled = peel_softmax and layer is last and isinstance(layer, keras.layers.Softmax)
+            rule = IDENTITY_RULE if peeled else transpose_rule(layer)
+            if len(node.arguments.keras_tensors) != 1 or len(layer._inbound_nodes) != 1 or rule is None:
+                return None
+            chain.append((layer, rule))
+    return chain
+
+
+def rule_columns(problem: Problem, chain: list, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
+    """``factor_columns`` through a ``rule_chain``: (K, N, S, O), the same values."""
+    target = problem.target
+    a = target.layer_input(x)
+    z = target.pre_activation(a)
+    with logits_output(target.model) if peel_softmax else contextlib.nullcontext():
+        h = target.layer.activation(z)
+        saved = []
+        for layer, rule in chain:
+            h, kept = rule.forward(layer, h)
+            saved.append(kept)
+    n = tf.shape(x)[0]
+    factor = problem.loss.hessian_factor(tf.reshape(h, (n, -1)), y)
+    factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)  # column C is zero: padding
+    v = tf.transpose(tf.gather(factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
+    v = tf.reshape(v, tf.concat([tf.shape(v)[:2], tf.shape(h)[1:]], 0))
+    for (layer, rule), kept in zip(reversed(chain), reversed(saved)):
+        v = rule.transpose(layer, kept, v)
+    if activation_name(target.layer) not in (None, "linear"):
+        v = v * tf.cast(z > 0, v.dtype)
+    return tf.reshape(v, (tf.shape(v)[0], n, -1, target.out_channels))[..., start:stop]
 
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
@@ -98,9 +149,12 @@ class FactoredEngine:
         self.classes = int(np.prod(target.model.outputs[0].shape[1:]))
         self.column_chunk = min(column_chunk, self.classes)
         self.memory_budget = memory_budget
-        self._columns = tf.function(
-            lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax)
-        )
+        chain = rule_chain(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
+        self.column_method = "autodiff" if chain is None else "rules"
+        if chain is None:
+            self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
+        else:
+            self._columns = tf.function(lambda x, y, ids, start, stop: rule_columns(problem, chain, x, y, ids, start, stop, peel_softmax))
         self._patches = tf.function(target.input_patches)
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)

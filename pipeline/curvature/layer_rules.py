@@ -6,7 +6,9 @@
   values whose autodiff is exact. Keras' TensorFlow ``moments`` (used by
   LayerNormalization and GroupNormalization) takes the variance around
   ``stop_gradient(mean)``: first derivatives survive, second ones do not.
-  ``softsign`` has no registered second-order gradient at all.
+  ``softsign`` has no registered second-order gradient at all. Vectorized
+  (``tf.vectorized_map``) second derivatives through MaxPool with overlapping,
+  same-padded windows come out as zeros.
 
 Which layers need a rule, and that each rule is right, is decided by the audit
 (``pipeline.curvature.audit``) against float64 differences of function values.
@@ -15,6 +17,7 @@ Which layers need a rule, and that each rule is right, is decided by the audit
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import keras
@@ -79,10 +82,34 @@ def softsign(x):
     return x / (1 + tf.abs(x))
 
 
+def _max_pool_by_gather(layer: keras.layers.Layer) -> Callable:
+    """Max pooling as a gather of the input at each window's argmax (indices held constant): the same values.
+
+    TensorFlow's vectorized Hessian-vector products through MaxPool with overlapping, same-padded
+    windows come out as zeros; gathers differentiate exactly to any order, vectorized or not.
+    """
+    original = type(layer).call
+    one_d = isinstance(layer, _L.MaxPooling1D)
+
+    def call(inputs, *args, **kwargs):
+        if layer.data_format != "channels_last":
+            return original(layer, inputs, *args, **kwargs)
+        x = inputs[:, None] if one_d else inputs
+        (ph, pw), (sh, sw) = ((1, *layer.pool_size), (1, *layer.strides)) if one_d else (layer.pool_size, layer.strides)
+        _, argmax = tf.nn.max_pool_with_argmax(tf.stop_gradient(x), [1, ph, pw, 1], [1, sh, sw, 1], layer.padding.upper(),
+                                               include_batch_in_index=True)
+        pooled = tf.gather(tf.reshape(x, [-1]), argmax)
+        return pooled[:, 0] if one_d else pooled
+
+    return call
+
+
 # Layer type -> (what the rule does, a function of the layer giving its replacement ``call``).
 LAYER_RULES: dict[type, tuple[str, Callable[[keras.layers.Layer], Callable]]] = {
     _L.LayerNormalization: ("moments without stop_gradient", _with_exact_moments),
     _L.GroupNormalization: ("moments without stop_gradient", _with_exact_moments),
+    _L.MaxPooling1D: ("gather at the argmax", _max_pool_by_gather),
+    _L.MaxPooling2D: ("gather at the argmax", _max_pool_by_gather),
 }
 # Activation name -> (what the rule does, replacement function with the same values).
 ACTIVATION_RULES: dict[str, tuple[str, Callable]] = {
@@ -142,3 +169,175 @@ def second_order_rules(layers) -> Iterator[None]:
             del layer.call
         for layer, activation in patched_activations:
             layer.activation = activation
+
+
+# Transposed Jacobians --------------------------------------------------------------------------
+# For suffixes made only of these layers, the factored engine back-propagates all K factor columns of
+# N examples as one (K, N, ...) batch: one large convolution or matrix product per layer, masks and
+# routings computed once per example and shared by every column.
+
+
+@dataclass(frozen=True)
+class TransposeRule:
+    """``forward(layer, x) -> (y, saved)`` evaluates the layer as the model does (inference mode) and
+    keeps what its Jacobian needs; ``transpose(layer, saved, v)`` maps output cotangents (K, N, ...)
+    to input cotangents. ``applies(layer)`` is False for settings the rule does not cover."""
+
+    forward: Callable
+    transpose: Callable
+    applies: Callable = lambda layer: True
+
+
+def _merged(v: tf.Tensor, fn: Callable) -> tf.Tensor:
+    """Apply a batched op to (K, N, ...) by merging K and N into one batch axis."""
+    k, n = tf.shape(v)[0], tf.shape(v)[1]
+    out = fn(tf.reshape(v, tf.concat([[k * n], tf.shape(v)[2:]], 0)))
+    return tf.reshape(out, tf.concat([[k, n], tf.shape(out)[1:]], 0))
+
+
+def _slope(name: str | None, pre: tf.Tensor) -> tf.Tensor | None:
+    """d activation / d pre as a mask, None for the identity."""
+    return None if name in (None, "linear") else tf.cast(pre > 0, pre.dtype)
+
+
+def _masked(v: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
+    return v if mask is None else v * mask
+
+
+def activation_has_transpose_rule(layer) -> bool:
+    """True when ``layer``'s activation is Keras' relu or the identity."""
+    name = activation_name(layer)
+    return name in (None, "linear", "relu") and (name is None or is_keras_activation(name, layer.activation))
+
+
+def _dense_forward(layer, x):
+    pre = tf.tensordot(x, layer.kernel, axes=[[x.shape.rank - 1], [0]])
+    pre = pre + layer.bias if layer.use_bias else pre
+    return layer.activation(pre), _slope(activation_name(layer), pre)
+
+
+def _dense_transpose(layer, mask, v):
+    return tf.tensordot(_masked(v, mask), layer.kernel, axes=[[v.shape.rank - 1], [1]])
+
+
+def _conv_forward(layer, x):
+    pre = layer.convolution_op(x, layer.kernel)
+    pre = pre + layer.bias if layer.use_bias else pre
+    return layer.activation(pre), (tf.shape(x)[1:], _slope(activation_name(layer), pre))
+
+
+def _conv_transpose(layer, saved, v):
+    input_shape, mask = saved
+    (sh, sw) = layer.strides
+    return _merged(_masked(v, mask), lambda g: tf.nn.conv2d_transpose(
+        g, layer.kernel, tf.concat([tf.shape(g)[:1], input_shape], 0), [1, sh, sw, 1], layer.padding.upper()))
+
+
+def _conv_applies(layer) -> bool:
+    return (activation_has_transpose_rule(layer) and tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
+            and layer.data_format == "channels_last")
+
+
+def _activation_forward(layer, x):
+    return layer.activation(x), _slope(activation_name(layer), x)
+
+
+def _relu_forward(layer, x):
+    return layer(x, training=False), _slope("relu", x)
+
+
+def _relu_applies(layer) -> bool:
+    return layer.max_value is None and not layer.negative_slope and not layer.threshold
+
+
+def _max_pool_forward(layer, x):
+    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
+    y, argmax = tf.nn.max_pool_with_argmax(x, [1, ph, pw, 1], [1, sh, sw, 1], layer.padding.upper(), include_batch_in_index=True)
+    return y, (tf.shape(x), argmax)
+
+
+def _max_pool_transpose(layer, saved, v):
+    """Route each cotangent to its window's maximum (the first one on ties, as MaxPoolGrad does)."""
+    input_shape, argmax = saved
+    k = tf.shape(v)[0]
+    routed = tf.math.unsorted_segment_sum(tf.transpose(tf.reshape(v, (k, -1))), tf.reshape(argmax, [-1]),
+                                          tf.reduce_prod(input_shape))
+    return tf.reshape(tf.transpose(routed), tf.concat([[k], input_shape], 0))
+
+
+def _pool_applies(layer) -> bool:
+    return layer.data_format == "channels_last"
+
+
+def _avg_pool_forward(layer, x):
+    return layer(x, training=False), tf.shape(x)[1:]
+
+
+def _avg_pool_transpose(layer, input_shape, v):
+    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
+    return _merged(v, lambda g: tf.raw_ops.AvgPoolGrad(
+        orig_input_shape=tf.concat([tf.shape(g)[:1], input_shape], 0), grad=g, ksize=[1, ph, pw, 1],
+        strides=[1, sh, sw, 1], padding=layer.padding.upper()))
+
+
+def _global_avg_forward(layer, x):
+    return layer(x, training=False), tf.shape(x)[1:]
+
+
+def _global_avg_transpose(layer, input_shape, v):
+    k, n = tf.shape(v)[0], tf.shape(v)[1]
+    per_example = tf.reshape(v, (k, n, 1, 1, input_shape[-1]))
+    return tf.broadcast_to(per_example, tf.concat([[k, n], input_shape], 0)) / tf.cast(input_shape[0] * input_shape[1], v.dtype)
+
+
+def _shape_forward(layer, x):
+    return layer(x, training=False), tf.shape(x)[1:]
+
+
+def _reshape_transpose(layer, input_shape, v):
+    return tf.reshape(v, tf.concat([tf.shape(v)[:2], input_shape], 0))
+
+
+def _identity_forward(layer, x):
+    return layer(x, training=False), None
+
+
+def _identity_transpose(layer, saved, v):
+    return v
+
+
+def _batch_norm_forward(layer, x):
+    scale = tf.math.rsqrt(layer.moving_variance + layer.epsilon)
+    return layer(x, training=False), scale * layer.gamma if layer.scale else scale
+
+
+def _batch_norm_applies(layer) -> bool:
+    return layer.axis in (-1, len(layer.input.shape) - 1)
+
+
+def _scale_transpose(layer, scale, v):
+    return v * scale
+
+
+IDENTITY_RULE = TransposeRule(_identity_forward, _identity_transpose)
+TRANSPOSE_RULES: dict[type, TransposeRule] = {
+    _L.Dense: TransposeRule(_dense_forward, _dense_transpose, activation_has_transpose_rule),
+    _L.Conv2D: TransposeRule(_conv_forward, _conv_transpose, _conv_applies),
+    _L.Activation: TransposeRule(_activation_forward, lambda layer, mask, v: _masked(v, mask), activation_has_transpose_rule),
+    _L.ReLU: TransposeRule(_relu_forward, lambda layer, mask, v: _masked(v, mask), _relu_applies),
+    _L.MaxPooling2D: TransposeRule(_max_pool_forward, _max_pool_transpose, _pool_applies),
+    _L.AveragePooling2D: TransposeRule(_avg_pool_forward, _avg_pool_transpose, _pool_applies),
+    _L.GlobalAveragePooling2D: TransposeRule(_global_avg_forward, _global_avg_transpose,
+                                             lambda layer: _pool_applies(layer) and not layer.keepdims),
+    _L.Flatten: TransposeRule(_shape_forward, _reshape_transpose),
+    _L.Reshape: TransposeRule(_shape_forward, _reshape_transpose),
+    _L.BatchNormalization: TransposeRule(_batch_norm_forward, _scale_transpose, _batch_norm_applies),
+    **{kind: IDENTITY_RULE for kind in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianDropout,
+                    _L.GaussianNoise, _L.Identity)},
+}
+
+
+def transpose_rule(layer) -> TransposeRule | None:
+    """The rule that back-propagates column batches through ``layer``, if its type and settings have one."""
+    rule = TRANSPOSE_RULES.get(type(layer))
+    return rule if rule is not None and rule.applies(layer) else None

@@ -135,6 +135,26 @@ def _rmsnorm():
     return keras.Model(inp, L.Dense(3)(h))
 
 
+def _transpose_zoo():
+    """A chain through every transpose rule: eval BatchNorm with moving statistics, strided valid conv,
+    ReLU layer, same-padded average and stride-1 max pooling, Dropout, Dense on positions, Reshape,
+    global average pooling, an Activation layer and a softmax head."""
+    inp = keras.Input((8, 8, 2))
+    h = L.Conv2D(4, 3, padding="same", activation="relu", name="target")(inp)
+    norm = L.BatchNormalization()
+    h = L.ReLU()(L.Conv2D(4, 3, strides=2)(norm(h)))
+    h = L.Dropout(0.5)(L.AveragePooling2D(2, padding="same")(h))
+    h = L.MaxPooling2D(2, strides=1, padding="same")(L.Conv2D(3, 2, padding="same", activation="relu")(h))
+    h = L.Reshape((2, 2, 3))(L.Dense(3, activation="relu")(L.Reshape((4, 3))(h)))
+    h = L.Activation("relu")(L.Dense(6)(L.GlobalAveragePooling2D()(h)))
+    model = keras.Model(inp, L.Dense(4, activation="softmax")(h))
+    rng = np.random.default_rng(7)
+    norm.moving_mean.assign(rng.normal(size=4))
+    norm.moving_variance.assign(rng.uniform(0.5, 2.0, size=4))
+    norm.gamma.assign(rng.uniform(0.5, 1.5, size=4))
+    return model
+
+
 CASES = [
     Case("cnn_maxpool_relu", _cnn("relu"), "target", "sparse_categorical_crossentropy", True, True, (6, 6, 2), 5),
     Case("cnn_softmax_head", _cnn("relu", head="softmax"), "target", "sparse_categorical_crossentropy", False, True, (6, 6, 2), 5),
@@ -143,6 +163,7 @@ CASES = [
     Case("cnn_gelu", _cnn("gelu"), "target", "categorical_crossentropy", True, False, (6, 6, 2), 5),
     Case("strided_valid", _strided, "target", "categorical_crossentropy", True, True, (7, 7, 2), 4),
     Case("dilated_same_gelu", _dilated_same, "target", "mse", False, False, (6, 6, 2), 4),
+    Case("transpose_zoo", _transpose_zoo, "target", "sparse_categorical_crossentropy", False, True, (8, 8, 2), 4),
     Case("mlp_relu", _mlp("relu"), "target", "sparse_categorical_crossentropy", True, True, (5,), 3),
     Case("mlp_tanh", _mlp("tanh"), "target", "mse", False, False, (5,), 3),
     Case("residual_relu", _residual("relu"), "target", "sparse_categorical_crossentropy", True, True, (5, 5, 2), 4),

@@ -1,9 +1,15 @@
-"""The factored engine's two product paths agree with each other and with plain sums of squares."""
+"""The factored engine's two product paths agree with each other and with plain sums of squares;
+its batched transpose rules give the same factor columns as autodiff."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from pipeline.curvature.factored import SPARSE_MIN_CLASSES, dense_products, support_products
+from pipeline.curvature import LayerCurvature
+from pipeline.curvature.factored import (SPARSE_MIN_CLASSES, dense_products, factor_columns, rule_chain, rule_columns,
+                                         support_products)
+from pipeline.curvature.suffix import check_suffix
+from tests.curvature.cases import CASES
 
 
 def _columns_with_shared_support(rng, classes, examples, positions, channels):
@@ -29,3 +35,27 @@ def test_all_zero_columns_give_zero():
     patches = tf.ones((2, 5, 3))
     columns = tf.zeros((SPARSE_MIN_CLASSES, 2, 5, 4))
     assert float(tf.reduce_max(tf.abs(support_products(patches, columns)))) == 0.0
+
+
+def _chain_cases():
+    return [case for case in CASES if case.piecewise_linear]
+
+
+@pytest.mark.parametrize("case", _chain_cases(), ids=[case.name for case in _chain_cases()])
+def test_transpose_rules_give_the_autodiff_columns(case):
+    """Factor columns are first derivatives (Jᵀ s), which autodiff gets right: the rules must match them."""
+    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=case.from_logits, engine="factored")
+    engine, problem = curvature.engine, curvature.engine.problem
+    peel = check_suffix(problem.target, problem.loss).peel_softmax
+    chain = rule_chain(problem, peel)
+    assert engine.column_method == ("autodiff" if case.name.startswith("residual") else "rules"), case.name
+    if chain is None:
+        return
+    x, y = case.data(n=3)
+    x, y = tf.constant(x), tf.constant(y)
+    ids = tf.range(engine.classes + 1)
+    channels = (1, problem.target.out_channels)
+    expected = factor_columns(problem, x, y, ids, *channels, peel).numpy()
+    got = rule_columns(problem, chain, x, y, ids, *channels, peel).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
