@@ -1,12 +1,14 @@
-"""hessdiag's factored engine against BackPACK's DiagHessian on the same weights, same run.
+"""hessdiag against BackPACK's DiagHessian on the same weights, every comparison in one run.
 
-BackPACK gets only the suffix from the target layer on (the fair comparison): the
+Exact engine on a tanh MLP (Dense target) and a tanh CNN; factored engine on a CIFAR-size
+VGG and on VGG16 ``block4_conv3`` (with its column back-propagation FLOPs against this
+machine's GEMM rate); then the cost of a repeated ``layer_derivatives`` call. BackPACK gets only the suffix from the target layer on (the fair comparison): the
 target layer's input activations are computed once and handed to it. Each side runs
 in its own process so its peak memory (max RSS) is its own.
 
-    pip install -e ".[bench]"      # torch 2.13.0 (CPU) and backpack-for-pytorch
-    .venv/bin/python scripts/bench_backpack.py --model cifar --batch 16
-    .venv/bin/python scripts/bench_backpack.py --model vgg16 --batch 1 --batch 8 --backpack-max-batch 1
+    pip install -e ".[bench]"      # torch 2.13.0 and backpack-for-pytorch
+    .venv/bin/python scripts/bench_backpack.py                 # everything (VGG16 takes minutes, ~15 GB)
+    .venv/bin/python scripts/bench_backpack.py --model cifar --batch 64
 """
 
 from __future__ import annotations
@@ -23,40 +25,94 @@ import time
 
 import numpy as np
 
-MODELS = {"cifar": ("cifar_vgg", "block2_conv1", True), "vgg16": ("vgg16", "block4_conv3", False)}
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_engines import best_of  # noqa: E402
+from bench_exact_methods import repeated_call_cost, tanh_cnn, tanh_mlp  # noqa: E402
 
 
-def inputs(model_name: str, batch: int):
+def cifar():
     from pipeline.model import build_model
 
-    model = build_model(model_name, seed=0)
+    return build_model("cifar_vgg", seed=0)
+
+
+def vgg16():
+    from pipeline.model import build_model
+
+    return build_model("vgg16", seed=0)
+
+
+# key -> (model builder, target layer, logits model?, hessdiag engine, batch)
+MODELS = {
+    "mlp": (tanh_mlp, "target", True, "exact", 32),
+    "cnn": (tanh_cnn, "target", True, "exact", 8),
+    "cifar": (cifar, "block2_conv1", True, "factored", 16),
+    "vgg16": (vgg16, "block4_conv3", False, "factored", 1),
+}
+
+
+def inputs(model_key: str, batch: int):
+    model = MODELS[model_key][0]()
     rng = np.random.default_rng(1)
     x = rng.normal(size=(batch, *model.inputs[0].shape[1:])).astype("float32")
     y = rng.integers(0, int(model.outputs[0].shape[-1]), batch)
     return model, x, y
 
 
-def role_ours(model_key: str, batch: int, out: str, warm_up_limit: int) -> dict:
+def gemm_rate() -> float:
+    """This machine's float32 matrix-product rate in GFLOP/s (2048², best of 5), measured in this process."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal((2048, 2048)), tf.random.normal((2048, 2048))
+    product = tf.function(lambda a, b: a @ b)
+    return 2 * 2048**3 / best_of(lambda: product(a, b).numpy(), repeats=5) / 1e9
+
+
+def column_flops(curvature, batch: int) -> float:
+    """FLOPs of back-propagating every factor column through the suffix's convolutions and dense layers."""
+    import keras
+
+    from pipeline.curvature.suffix import suffix_layers
+
+    total = 0
+    for layer in suffix_layers(curvature.target):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            positions = int(np.prod(layer.output.shape[1:-1]))
+            total += 2 * positions * int(np.prod(layer.kernel.shape))
+    return total * curvature.engine.classes * batch
+
+
+def role_ours(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     from pipeline.curvature import LayerCurvature
 
-    name, layer, from_logits = MODELS[model_key]
-    model, x, y = inputs(name, batch)
-    curvature = LayerCurvature(model, layer, loss="sparse_categorical_crossentropy", from_logits=from_logits, engine="factored", column_chunk=50)
-    if batch <= warm_up_limit:
+    _, layer, from_logits, engine, _ = MODELS[model_key]
+    model, x, y = inputs(model_key, batch)
+    options = {"column_chunk": 50} if engine == "factored" else {"chunk_size": 256}
+    curvature = LayerCurvature(model, layer, loss="sparse_categorical_crossentropy", from_logits=from_logits, engine=engine, **options)
+    if warm_up:
         curvature.compute([(x, y)])  # trace and optimize the graphs for this exact shape, outside the timing
     start = time.perf_counter()
     result = curvature.compute([(x, y)])
     seconds = time.perf_counter() - start
     np.save(out, result.hessian_diagonal)
-    return {"seconds": seconds}
+    record = {"seconds": seconds, "method": getattr(curvature.engine, "column_method", getattr(curvature.engine, "method", ""))}
+    if engine == "factored":
+        record.update(flops=column_flops(curvature, batch), gemm=gemm_rate())
+    return record
+
+
+TORCH_ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh"}
 
 
 def torch_suffix(model, layer_name):
-    """The Keras suffix from ``layer_name`` on, as a torch Sequential with the same weights."""
+    """The Keras suffix from ``layer_name`` on, as a torch Sequential with the same weights (a final softmax is
+    left to the cross-entropy)."""
     import keras
     import torch
 
-    layers, started = [], False
+    layers, started, flatten_shape = [], False, None
     for layer in model.layers:
         started = started or layer.name == layer_name
         if not started:
@@ -65,24 +121,26 @@ def torch_suffix(model, layer_name):
             conv = torch.nn.Conv2d(layer.kernel.shape[2], layer.kernel.shape[3], layer.kernel_size, padding=layer.kernel_size[0] // 2)
             conv.weight.data = torch.tensor(np.transpose(layer.kernel.numpy(), (3, 2, 0, 1)).copy())
             conv.bias.data = torch.tensor(layer.bias.numpy())
-            layers += [conv, torch.nn.ReLU()]
+            layers.append(conv)
         elif isinstance(layer, keras.layers.MaxPooling2D):
             layers.append(torch.nn.MaxPool2d(2))
+        elif isinstance(layer, keras.layers.AveragePooling2D):
+            layers.append(torch.nn.AvgPool2d(2))
         elif isinstance(layer, keras.layers.Flatten):
-            height, width, channels = layer.input.shape[1:]
+            flatten_shape = tuple(layer.input.shape[1:])
             layers.append(torch.nn.Flatten())
-            flatten_shape = (height, width, channels)
         elif isinstance(layer, keras.layers.Dense):
             kernel = layer.kernel.numpy()
-            if layers and isinstance(layers[-1], torch.nn.Flatten):  # Keras flattens HWC, torch CHW
+            if flatten_shape and isinstance(layers[-1], torch.nn.Flatten):  # Keras flattens HWC, torch CHW
                 h, w, c = flatten_shape
                 kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
             linear = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
             linear.weight.data = torch.tensor(kernel.T.copy())
             linear.bias.data = torch.tensor(layer.bias.numpy())
             layers.append(linear)
-            if layer.activation.__name__ == "relu":
-                layers.append(torch.nn.ReLU())
+        name = getattr(getattr(layer, "activation", None), "__name__", None)
+        if name in TORCH_ACTIVATIONS:
+            layers.append(getattr(torch.nn, TORCH_ACTIVATIONS[name])())
     return torch.nn.Sequential(*layers)
 
 
@@ -94,27 +152,28 @@ def role_backpack(model_key: str, batch: int, out: str) -> dict:
     from pipeline.curvature.target import resolve_target
 
     torch.set_num_threads(os.cpu_count())
-    name, layer, _ = MODELS[model_key]
-    model, x, y = inputs(name, batch)
+    _, layer, _, _, _ = MODELS[model_key]
+    model, x, y = inputs(model_key, batch)
     a = resolve_target(model, layer).layer_input(x).numpy()
     suffix = extend(torch_suffix(model, layer))
     del model
     loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
-    a_t = torch.tensor(np.transpose(a, (0, 3, 1, 2)).copy())
+    a_t = torch.tensor(np.transpose(a, (0, 3, 1, 2)).copy() if a.ndim == 4 else a)
     y_t = torch.tensor(y)
     start = time.perf_counter()
     loss = loss_fn(suffix(a_t), y_t)
     with backpack(DiagHessian()):
         loss.backward()
     seconds = time.perf_counter() - start
-    np.save(out, np.transpose(suffix[0].weight.diag_h.detach().numpy(), (2, 3, 1, 0)))
+    weight = suffix[0].weight.diag_h.detach().numpy()
+    np.save(out, np.transpose(weight, (2, 3, 1, 0)) if weight.ndim == 4 else weight.T)
     return {"seconds": seconds}
 
 
-def run_role(role: str, model_key: str, batch: int, workdir: str, warm_up_limit: int) -> dict:
+def run_role(role: str, model_key: str, batch: int, workdir: str, warm_up: bool) -> dict:
     out = os.path.join(workdir, f"{role}-{model_key}-{batch}.npy")
-    command = [sys.executable, __file__, "--role", role, "--model", model_key, "--batch", str(batch), "--out", out,
-               "--warm-up-max-batch", str(warm_up_limit)]
+    command = [sys.executable, __file__, "--role", role, "--model", model_key, "--batch", str(batch), "--out", out]
+    command += ["--warm-up"] if warm_up else []
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-1]}
@@ -123,49 +182,52 @@ def run_role(role: str, model_key: str, batch: int, workdir: str, warm_up_limit:
     return record
 
 
+def compare(model_key: str, batch: int, workdir: str, warm_up: bool) -> None:
+    _, layer, _, engine, _ = MODELS[model_key]
+    ours = run_role("ours", model_key, batch, workdir, warm_up)
+    theirs = run_role("backpack", model_key, batch, workdir, warm_up)
+    label = f"{model_key} ({layer}), batch {batch}, {engine} [{ours.get('method', '')}]"
+    if "error" in ours or "error" in theirs:
+        print(f"{label}: hessdiag {ours.get('error', 'ok')} | BackPACK {theirs.get('error', 'ok')}")
+        return
+    diff = np.abs(ours["diagonal"] - theirs["diagonal"])
+    scale = np.abs(theirs["diagonal"]).max()
+    rate = ""
+    if "flops" in ours:
+        achieved = ours["flops"] / ours["seconds"] / 1e9
+        rate = f" | column back-propagation {ours['flops'] / 1e9:.1f} GFLOP: {achieved:.0f} GFLOP/s = {achieved / ours['gemm']:.2f} of GEMM ({ours['gemm']:.0f})"
+    cold = "" if warm_up else " (first call, tracing included)"
+    print(
+        f"{label}: hessdiag {ours['seconds']:.4f} s{cold}, peak {ours['peak_bytes'] / 2**30:.2f} GiB"
+        f" | BackPACK {theirs['seconds']:.4f} s, peak {theirs['peak_bytes'] / 2**30:.2f} GiB"
+        f" | speed-up {theirs['seconds'] / ours['seconds']:.2f}x, memory {ours['peak_bytes'] / theirs['peak_bytes']:.2f} of BackPACK's"
+        f" | max |diff| / max|diag| {diff.max() / scale:.1e}{rate}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="cifar")
-    parser.add_argument("--batch", type=int, action="append")
-    parser.add_argument("--backpack-max-batch", type=int, default=64, help="skip BackPACK above this batch (it cannot fit)")
-    parser.add_argument("--warm-up-max-batch", type=int, default=64,
-                        help="above this batch hessdiag is timed on its first call, graph building included")
+    parser.add_argument("--model", choices=sorted(MODELS), action="append", help="default: all, in table order")
+    parser.add_argument("--batch", type=int, help="default: each model's own")
+    parser.add_argument("--cold", action="append", default=["vgg16"], help="models timed on their first call (default vgg16)")
     parser.add_argument("--role", choices=["ours", "backpack"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-up", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    batches = args.batch or [16]
     if args.role:
-        if args.role == "ours":
-            record = role_ours(args.model, batches[0], args.out, args.warm_up_max_batch)
-        else:
-            record = role_backpack(args.model, batches[0], args.out)
+        key = args.model[0]
+        record = role_ours(key, args.batch, args.out, args.warm_up) if args.role == "ours" else role_backpack(key, args.batch, args.out)
         record["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(record))
         return
     import torch
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; torch {torch.__version__}; model {args.model} ({MODELS[args.model][1]})")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as workdir:
-        for batch in batches:
-            ours = run_role("ours", args.model, batch, workdir, args.warm_up_max_batch)
-            theirs = run_role("backpack", args.model, batch, workdir, args.warm_up_max_batch) if batch <= args.backpack_max_batch else {"error": "skipped (does not fit)"}
-            if "error" in ours:
-                print(f"batch {batch:3d}: hessdiag failed: {ours['error']}")
-                continue
-            cold = " (first call)" if batch > args.warm_up_max_batch else ""
-            line = f"batch {batch:3d}: hessdiag factored{cold} {ours['seconds']:8.2f} s ({ours['seconds'] / batch:7.2f} s/example), peak {ours['peak_bytes'] / 2**30:6.2f} GiB"
-            if "error" in theirs:
-                print(f"{line} | BackPACK: {theirs['error']}")
-                continue
-            diff = np.abs(ours["diagonal"] - theirs["diagonal"])
-            scale = np.abs(theirs["diagonal"]).max()
-            mask = np.abs(theirs["diagonal"]) > 1e-3 * scale
-            elementwise = (diff[mask] / np.abs(theirs["diagonal"][mask])).max()
-            print(
-                f"{line} | BackPACK DiagHessian {theirs['seconds']:8.2f} s ({theirs['seconds'] / batch:7.2f} s/example), peak {theirs['peak_bytes'] / 2**30:6.2f} GiB"
-                f" | speed-up {theirs['seconds'] / ours['seconds']:5.2f}x, memory {theirs['peak_bytes'] / ours['peak_bytes']:5.2f}x less"
-                f" | max |diff| / max|diag| {diff.max() / scale:.1e}, max rel diff (|diag| > 1e-3 max) {elementwise:.1e}"
-            )
+        for key in args.model or list(MODELS):
+            compare(key, args.batch or MODELS[key][4], workdir, warm_up=key not in args.cold)
+    repeated_call_cost()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Only exact under that condition: callers must run ``check_suffix`` first.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
@@ -86,27 +87,37 @@ def rule_chain(problem: Problem, peel_softmax: bool) -> list | None:
     return chain
 
 
-def rule_columns(problem: Problem, chain: list, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
-    """``factor_columns`` through a ``rule_chain``: (K, N, S, O), the same values."""
+def rule_forward(problem: Problem, chain: list, x, y, peel_softmax: bool) -> tuple:
+    """One forward pass through a ``rule_chain``: what the transposes need, and the loss-Hessian factor
+    (N, C, K + 1) with a zero last column for padding. Shared by every column chunk of these examples."""
     target = problem.target
-    a = target.layer_input(x)
-    z = target.pre_activation(a)
+    z = target.pre_activation(target.layer_input(x))
     with logits_output(target.model) if peel_softmax else contextlib.nullcontext():
         h = target.layer.activation(z)
         saved = []
         for layer, rule in chain:
             h, kept = rule.forward(layer, h)
             saved.append(kept)
-    n = tf.shape(x)[0]
-    factor = problem.loss.hessian_factor(tf.reshape(h, (n, -1)), y)
-    factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)  # column C is zero: padding
+    factor = problem.loss.hessian_factor(tf.reshape(h, (tf.shape(x)[0], -1)), y)
+    factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)
+    mask = None if activation_name(target.layer) in (None, "linear") else tf.cast(z > 0, z.dtype)
+    return saved, mask, factor, tf.shape(h)[1:]
+
+
+def rule_backward(problem: Problem, chain: list, forward: tuple, column_ids, start, stop) -> tf.Tensor:
+    """The factor columns ``column_ids`` back-propagated through a ``rule_chain``: (K, N, S, stop - start)."""
+    saved, mask, factor, output_shape = forward
     v = tf.transpose(tf.gather(factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
-    v = tf.reshape(v, tf.concat([tf.shape(v)[:2], tf.shape(h)[1:]], 0))
+    v = tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0))
     for (layer, rule), kept in zip(reversed(chain), reversed(saved)):
         v = rule.transpose(layer, kept, v)
-    if activation_name(target.layer) not in (None, "linear"):
-        v = v * tf.cast(z > 0, v.dtype)
-    return tf.reshape(v, (tf.shape(v)[0], n, -1, target.out_channels))[..., start:stop]
+    v = v if mask is None else v * mask
+    return tf.reshape(v, (tf.shape(v)[0], tf.shape(v)[1], -1, problem.target.out_channels))[..., start:stop]
+
+
+def rule_columns(problem: Problem, chain: list, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
+    """``factor_columns`` through a ``rule_chain``: (K, N, S, O), the same values."""
+    return rule_backward(problem, chain, rule_forward(problem, chain, x, y, peel_softmax), column_ids, start, stop)
 
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
@@ -147,14 +158,18 @@ class FactoredEngine:
         self.problem = problem
         target = problem.target
         self.classes = int(np.prod(target.model.outputs[0].shape[1:]))
+        self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.column_chunk = min(column_chunk, self.classes)
         self.memory_budget = memory_budget
         chain = rule_chain(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
         self.column_method = "autodiff" if chain is None else "rules"
         if chain is None:
-            self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
+            columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
+            self._column_source = lambda x, y: functools.partial(columns, x, y)
         else:
-            self._columns = tf.function(lambda x, y, ids, start, stop: rule_columns(problem, chain, x, y, ids, start, stop, peel_softmax))
+            forward = tf.function(lambda x, y: rule_forward(problem, chain, x, y, peel_softmax))
+            backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, chain, state, ids, start, stop))
+            self._column_source = lambda x, y: functools.partial(backward, forward(x, y))
         self._patches = tf.function(target.input_patches)
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
@@ -166,9 +181,7 @@ class FactoredEngine:
         channels take 4·(2·S·P) bytes per channel and example (gathered patches and M·P) on the
         sparse path, 4·C·P on the dense one.
         """
-        target = self.problem.target
-        positions = int(np.prod(target.layer.output.shape[1:-1]))
-        features = int(np.prod(target.shape[:-1]))
+        positions, features = self.positions, int(np.prod(self.problem.target.shape[:-1]))
         width = channels.stop - channels.start
         examples = max(1, self.memory_budget // (2 * 4 * self.classes * positions * width))
         per_channel = 4 * examples * (2 * positions * features if self.sparse else self.classes * features)
@@ -182,11 +195,12 @@ class FactoredEngine:
         total = None
         for first in range(0, len(x), examples):
             xs, ys = x[first : first + examples], y[first : first + examples]
-            columns = []
+            columns_for = self._column_source(xs, ys)
+            columns = np.empty((classes, len(xs), self.positions, channels.stop - channels.start), np.float32)
             for c0 in range(0, classes, self.column_chunk):
                 ids = np.minimum(np.arange(c0, c0 + self.column_chunk), classes)  # index ``classes`` is the zero column
-                columns.append(self._columns(xs, ys, tf.constant(ids, tf.int32), *bounds))
-            columns = tf.concat(columns, axis=0)
+                chunk = columns_for(tf.constant(ids, tf.int32), *bounds).numpy()
+                columns[c0 : c0 + self.column_chunk] = chunk[: classes - c0]
             patches = self._patches(xs)
             parts = [self._products(patches, columns[..., o : o + width]).numpy() for o in range(0, columns.shape[-1], width)]
             part = np.concatenate(parts, axis=1)

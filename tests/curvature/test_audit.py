@@ -57,6 +57,9 @@ def test_audit_finds_the_known_autodiff_errors_and_each_rule_fixes_them():
     assert worst > 0.01  # far beyond difference noise
     assert not table["activations"]["softsign"]["autodiff_exact"] and table["activations"]["softsign"]["verified"]
     assert table["layers"]["RMSNormalization"]["autodiff_exact"] and table["activations"]["mish"]["autodiff_exact"]
+    pooling = {c["label"]: c for c in table["layers"]["MaxPooling2D"]["cases"]}
+    overlapping = pooling["MaxPooling2D(2, strides 1, same)"]
+    assert not overlapping["autodiff"]["passed"] and overlapping["with_rule"]["passed"]
 
 
 def test_audit_function_against_an_analytic_hessian():
