@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.curvature.audit import TABLE_PATH, render_markdown, run_audit
@@ -19,7 +20,7 @@ def replace_block(text: str, block: str) -> str:
 
 
 if __name__ == "__main__":
-    table = run_audit()
+    table = run_audit(workers=os.cpu_count() or 1)
     TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
     README.write_text(replace_block(README.read_text(), render_markdown(table)))
     print(f"wrote {TABLE_PATH} and the audit table in {README}")

@@ -12,9 +12,11 @@ entries are one vectorized product.
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import json
 import math
+import multiprocessing
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -282,21 +284,45 @@ ACTIVATION_CASES: tuple[LayerCase, ...] = tuple(
     LayerCase(name, "activation", name, lambda name=name: _L.Activation(name, dtype="float64"), (VEC,))
     for name in ACTIVATION_NAMES
 )
+REGISTERED_CASES = LAYER_CASES + ACTIVATION_CASES
 
 
-def run_audit(cases: Sequence[LayerCase] = LAYER_CASES + ACTIVATION_CASES) -> dict:
-    """The audit table: per layer type and activation, whether autodiff is exact, the rule, and the result with it."""
+def _rule_of(case: LayerCase) -> tuple | None:
+    return LAYER_RULES.get(getattr(_L, case.key, None)) if case.kind == "layer" else ACTIVATION_RULES.get(case.key)
+
+
+def _audit(case: LayerCase) -> tuple[dict, dict]:
+    """(autodiff alone, with the rule) for one case; the rule's run only where it has one."""
+    raw = asdict(case.run(rules=False))
+    return raw, asdict(case.run(rules=True)) if _rule_of(case) else raw
+
+
+def _audit_registered(index: int) -> tuple[dict, dict]:
+    return _audit(REGISTERED_CASES[index])
+
+
+def run_audit(cases: Sequence[LayerCase] | None = None, workers: int = 1) -> dict:
+    """The audit table: per layer type and activation, whether autodiff is exact, the rule, and the result with it.
+
+    ``cases`` defaults to every registered layer and activation case; those can be spread over
+    ``workers`` processes (tracing is single-threaded Python), with the same table as one process.
+    """
+    if cases is None and workers > 1:
+        context = multiprocessing.get_context("spawn")  # TensorFlow must not be forked
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = list(pool.map(_audit_registered, range(len(REGISTERED_CASES))))
+        cases = REGISTERED_CASES
+    else:
+        cases = REGISTERED_CASES if cases is None else cases
+        results = [_audit(case) for case in cases]
     table: dict[str, dict] = {"layers": {}, "activations": {}}
-    for case in cases:
+    for case, (raw, ruled) in zip(cases, results):
         section = table["layers" if case.kind == "layer" else "activations"]
-        found = LAYER_RULES.get(getattr(_L, case.key, None)) if case.kind == "layer" else ACTIVATION_RULES.get(case.key)
-        raw = case.run(rules=False)
-        ruled = case.run(rules=True) if found else raw
-        rule = found[0] if found else None
-        entry = section.setdefault(case.key, {"rule": rule, "autodiff_exact": True, "verified": True, "cases": []})
-        entry["autodiff_exact"] &= raw.passed
-        entry["verified"] &= ruled.passed
-        entry["cases"].append({"label": case.label, "autodiff": asdict(raw), "with_rule": asdict(ruled)})
+        found = _rule_of(case)
+        entry = section.setdefault(case.key, {"rule": found[0] if found else None, "autodiff_exact": True, "verified": True, "cases": []})
+        entry["autodiff_exact"] &= raw["passed"]
+        entry["verified"] &= ruled["passed"]
+        entry["cases"].append({"label": case.label, "autodiff": raw, "with_rule": ruled})
     return table
 
 
