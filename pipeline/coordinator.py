@@ -137,8 +137,8 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:
     """Start or resume the run described by ``config``; returns after validation.
 
-    SIGTERM or Ctrl-C stop handing out shards, release the lock and raise ``Interrupted``
-    saying how many shards are done; rerunning resumes.
+    SIGTERM or Ctrl-C stop handing out units, release the lock and raise ``Interrupted``
+    saying how many units are done; rerunning resumes.
     """
     saved_handlers = install_stop_handlers()
     try:

@@ -31,11 +31,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature.layer_rules import IDENTITY_RULE, activation_has_transpose_rule, activation_name, transpose_rule
+from pipeline.curvature.layer_rules import (IDENTITY_RULE, activation_has_transpose_rule, activation_name, activation_slope,
+                                             transpose_rule)
 from pipeline.curvature.problem import Problem, logits_output, output_layer
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 SPARSE_MIN_CLASSES = 64
+
+
+def logits_if_peeled(model, peel_softmax: bool):
+    """``logits_output(model)`` when the final softmax is folded into the loss, else a no-op block."""
+    return logits_output(model) if peel_softmax else contextlib.nullcontext()
+
+
+def with_zero_column(factor: tf.Tensor) -> tf.Tensor:
+    """The loss-Hessian factor (N, C, K) with a zero column K appended: column ids past the end pad chunks."""
+    return tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)
 
 
 def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax: bool, factor_fn=None) -> tf.Tensor:
@@ -46,13 +57,13 @@ def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax
     target = problem.target
     a = target.layer_input(x)
     delta = tf.zeros_like(target.pre_activation(a))
-    peel = logits_output(target.model) if peel_softmax else contextlib.nullcontext()
+    peel = logits_if_peeled(target.model, peel_softmax)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(delta)
         with peel:
             logits = tf.reshape(problem.outputs(x, delta), (tf.shape(x)[0], -1))
     factor = (factor_fn or problem.loss.hessian_factor)(logits, y)
-    factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)  # column C is zero: padding
+    factor = with_zero_column(factor)
 
     def column(c):
         v = tape.gradient(logits, delta, output_gradients=tf.gather(factor, c, axis=2))
@@ -73,7 +84,7 @@ def rule_chain(problem: Problem, peel_softmax: bool) -> list | None:
     if len(target.layer._inbound_nodes) != 1:
         return None
     layer, chain = target.layer, []
-    with logits_output(target.model) if peel_softmax else contextlib.nullcontext():
+    with logits_if_peeled(target.model, peel_softmax):
         while layer is not last:
             if len(layer._outbound_nodes) != 1:
                 return None
@@ -92,16 +103,14 @@ def rule_forward(problem: Problem, chain: list, x, y, peel_softmax: bool) -> tup
     (N, C, K + 1) with a zero last column for padding. Shared by every column chunk of these examples."""
     target = problem.target
     z = target.pre_activation(target.layer_input(x))
-    with logits_output(target.model) if peel_softmax else contextlib.nullcontext():
+    with logits_if_peeled(target.model, peel_softmax):
         h = target.layer.activation(z)
         saved = []
         for layer, rule in chain:
             h, kept = rule.forward(layer, h)
             saved.append(kept)
-    factor = problem.loss.hessian_factor(tf.reshape(h, (tf.shape(x)[0], -1)), y)
-    factor = tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)
-    mask = None if activation_name(target.layer) in (None, "linear") else tf.cast(z > 0, z.dtype)
-    return saved, mask, factor, tf.shape(h)[1:]
+    factor = with_zero_column(problem.loss.hessian_factor(tf.reshape(h, (tf.shape(x)[0], -1)), y))
+    return saved, activation_slope(activation_name(target.layer), z), factor, tf.shape(h)[1:]
 
 
 def rule_backward(problem: Problem, chain: list, forward: tuple, column_ids, start, stop) -> tf.Tensor:

@@ -195,8 +195,8 @@ def _merged(v: tf.Tensor, fn: Callable) -> tf.Tensor:
     return tf.reshape(out, tf.concat([[k, n], tf.shape(out)[1:]], 0))
 
 
-def _slope(name: str | None, pre: tf.Tensor) -> tf.Tensor | None:
-    """d activation / d pre as a mask, None for the identity."""
+def activation_slope(name: str | None, pre: tf.Tensor) -> tf.Tensor | None:
+    """d activation / d pre as a mask for relu (the only other activation the rules take), None for the identity."""
     return None if name in (None, "linear") else tf.cast(pre > 0, pre.dtype)
 
 
@@ -213,7 +213,7 @@ def activation_has_transpose_rule(layer) -> bool:
 def _dense_forward(layer, x):
     pre = tf.tensordot(x, layer.kernel, axes=[[x.shape.rank - 1], [0]])
     pre = pre + layer.bias if layer.use_bias else pre
-    return layer.activation(pre), _slope(activation_name(layer), pre)
+    return layer.activation(pre), activation_slope(activation_name(layer), pre)
 
 
 def _dense_transpose(layer, mask, v):
@@ -223,7 +223,7 @@ def _dense_transpose(layer, mask, v):
 def _conv_forward(layer, x):
     pre = layer.convolution_op(x, layer.kernel)
     pre = pre + layer.bias if layer.use_bias else pre
-    return layer.activation(pre), (tf.shape(x)[1:], _slope(activation_name(layer), pre))
+    return layer.activation(pre), (tf.shape(x)[1:], activation_slope(activation_name(layer), pre))
 
 
 def _conv_transpose(layer, saved, v):
@@ -238,12 +238,16 @@ def _conv_applies(layer) -> bool:
             and layer.data_format == "channels_last")
 
 
+def _mask_transpose(layer, mask, v):
+    return _masked(v, mask)
+
+
 def _activation_forward(layer, x):
-    return layer.activation(x), _slope(activation_name(layer), x)
+    return layer.activation(x), activation_slope(activation_name(layer), x)
 
 
 def _relu_forward(layer, x):
-    return layer(x, training=False), _slope("relu", x)
+    return layer(x, training=False), activation_slope("relu", x)
 
 
 def _relu_applies(layer) -> bool:
@@ -323,8 +327,8 @@ IDENTITY_RULE = TransposeRule(_identity_forward, _identity_transpose)
 TRANSPOSE_RULES: dict[type, TransposeRule] = {
     _L.Dense: TransposeRule(_dense_forward, _dense_transpose, activation_has_transpose_rule),
     _L.Conv2D: TransposeRule(_conv_forward, _conv_transpose, _conv_applies),
-    _L.Activation: TransposeRule(_activation_forward, lambda layer, mask, v: _masked(v, mask), activation_has_transpose_rule),
-    _L.ReLU: TransposeRule(_relu_forward, lambda layer, mask, v: _masked(v, mask), _relu_applies),
+    _L.Activation: TransposeRule(_activation_forward, _mask_transpose, activation_has_transpose_rule),
+    _L.ReLU: TransposeRule(_relu_forward, _mask_transpose, _relu_applies),
     _L.MaxPooling2D: TransposeRule(_max_pool_forward, _max_pool_transpose, _pool_applies),
     _L.AveragePooling2D: TransposeRule(_avg_pool_forward, _avg_pool_transpose, _pool_applies),
     _L.GlobalAveragePooling2D: TransposeRule(_global_avg_forward, _global_avg_transpose,
