@@ -25,7 +25,7 @@ Only exact under that condition: callers must run ``check_suffix`` first.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 
 import keras
 import numpy as np
@@ -99,34 +99,59 @@ def rule_chain(problem: Problem, peel_softmax: bool) -> list | None:
 
 
 def rule_forward(problem: Problem, chain: list, x, y, peel_softmax: bool) -> tuple:
-    """One forward pass through a ``rule_chain``: what the transposes need, and the loss-Hessian factor
-    (N, C, K + 1) with a zero last column for padding. Shared by every column chunk of these examples."""
+    """One forward pass through a ``rule_chain``, shared by every column chunk of these examples:
+    the state the transposes need (with the loss-Hessian factor (N, C, K + 2): a zero column K pads
+    column chunks, column K + 1 is the loss gradient), the target's input patches, the summed loss."""
     target = problem.target
-    z = target.pre_activation(target.layer_input(x))
+    a = target.layer_input(x)
+    z = target.pre_activation(a)
     with logits_if_peeled(target.model, peel_softmax):
         h = target.layer.activation(z)
         saved = []
         for layer, rule in chain:
             h, kept = rule.forward(layer, h)
             saved.append(kept)
-    factor = with_zero_column(problem.loss.hessian_factor(tf.reshape(h, (tf.shape(x)[0], -1)), y))
-    return saved, activation_slope(activation_name(target.layer), z), factor, tf.shape(h)[1:]
+    outputs = tf.reshape(h, (tf.shape(x)[0], -1))
+    loss = dataclasses.replace(problem.loss, from_logits=True) if peel_softmax else problem.loss
+    with tf.GradientTape() as tape:
+        tape.watch(outputs)
+        total = tf.reduce_sum(loss.per_example(outputs, y))
+    factor = tf.concat([with_zero_column(problem.loss.hessian_factor(outputs, y)), tape.gradient(total, outputs)[:, :, None]], 2)
+    return (saved, activation_slope(activation_name(target.layer), z), factor, tf.shape(h)[1:]), target.patches(a), total
 
 
 def rule_backward(problem: Problem, chain: list, forward: tuple, column_ids, start, stop) -> tf.Tensor:
     """The factor columns ``column_ids`` back-propagated through a ``rule_chain``: (K, N, S, stop - start)."""
-    saved, mask, factor, output_shape = forward
+    saved, _, factor, output_shape = forward
     v = tf.transpose(tf.gather(factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
-    v = tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0))
+    return _through_chain(problem, chain, forward, tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0)), start, stop)
+
+
+def rule_support(problem: Problem, chain: list, forward: tuple, start, stop) -> tf.Tensor:
+    """(N, O, A) positions, per example and channel, outside which every factor column vanishes.
+
+    Ones pushed back through |Jᵀ| (every weight by its magnitude) cannot cancel, so they are positive
+    wherever any column can be nonzero: ReLU masks and max-pool routing, which do not depend on the
+    column, decide the support. A is the largest support; smaller ones are padded with positions
+    where the columns vanish.
+    """
+    _, _, factor, output_shape = forward
+    ones = tf.ones(tf.concat([[1, tf.shape(factor)[0]], output_shape], 0), factor.dtype)
+    reach = _through_chain(problem, chain, forward, ones, start, stop, magnitude=True)[0]
+    return support_positions(tf.transpose(reach > 0, (0, 2, 1)))
+
+
+def _through_chain(problem: Problem, chain: list, forward: tuple, v, start, stop, magnitude: bool = False) -> tf.Tensor:
+    saved, mask, _, _ = forward
     for (layer, rule), kept in zip(reversed(chain), reversed(saved)):
-        v = rule.transpose(layer, kept, v)
+        v = rule.transpose(layer, kept, v, magnitude)
     v = v if mask is None else v * mask
     return tf.reshape(v, (tf.shape(v)[0], tf.shape(v)[1], -1, problem.target.out_channels))[..., start:stop]
 
 
 def rule_columns(problem: Problem, chain: list, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
     """``factor_columns`` through a ``rule_chain``: (K, N, S, O), the same values."""
-    return rule_backward(problem, chain, rule_forward(problem, chain, x, y, peel_softmax), column_ids, start, stop)
+    return rule_backward(problem, chain, rule_forward(problem, chain, x, y, peel_softmax)[0], column_ids, start, stop)
 
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
@@ -135,31 +160,60 @@ def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.reduce_sum(tf.square(filter_grads), axis=(0, 1)), tf.float64)
 
 
+def support_positions(active: tf.Tensor) -> tf.Tensor:
+    """(N, O, A) indices of the active positions of ``active`` (N, O, S), A the largest count (at least 1)."""
+    width = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(active, tf.int32), axis=-1)), 1)
+    return tf.math.top_k(tf.cast(active, tf.int32), k=width, sorted=False).indices
+
+
+def support_values(columns: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+    """(N, O, C, A) entries of ``columns`` (C, N, S, O) at ``positions`` (N, O, A)."""
+    return tf.gather(tf.transpose(columns, (1, 3, 0, 2)), positions, axis=3, batch_dims=2)
+
+
+def gram_update(gram: tf.Tensor, columns: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``gram`` (N, O, A, A) plus Σ_c v_c v_cᵀ over ``columns`` (C, N, S, O) on the support ``positions``,
+    and the number of nonzero column entries outside the support (0 unless the support is wrong)."""
+    values = support_values(columns, positions)
+    outside = tf.math.count_nonzero(columns) - tf.math.count_nonzero(values)
+    return gram + tf.einsum("noca,nocb->noab", values, values), outside
+
+
+def gram_products(patches: tf.Tensor, positions: tf.Tensor, gram: tf.Tensor) -> tf.Tensor:
+    """(P, O) float64 Σ_n Σ_a P ⊙ (M P) with the patches gathered at ``positions``: Σ_c (v_cᵀ P)²."""
+    gathered = tf.gather(patches, positions, batch_dims=1)  # (N, O, A, P)
+    per_channel = tf.reduce_sum(gathered * tf.einsum("noab,nobp->noap", gram, gathered), axis=(0, 2))
+    return tf.transpose(tf.cast(per_channel, tf.float64))
+
+
 def support_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
     """(P, O) float64 sum over examples and columns of the squared filter gradients.
 
     ``patches`` is (N, S, P), ``columns`` is (C, N, S, O).
     """
     classes = tf.shape(columns)[0]
-    active = tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1))  # (N, O, S)
-    width = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(active, tf.int32), axis=-1)), 1)
-    positions = tf.math.top_k(tf.cast(active, tf.int32), k=width, sorted=False).indices  # (N, O, A)
-    gathered = tf.gather(patches, positions, batch_dims=1)  # (N, O, A, P)
-    values = tf.gather(tf.transpose(columns, (1, 3, 0, 2)), positions, axis=3, batch_dims=2)  # (N, O, C, A)
+    positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
 
     def gram():
-        m = tf.einsum("noca,nocb->noab", values, values)
-        return tf.reduce_sum(gathered * tf.einsum("noab,nobp->noap", m, gathered), axis=(0, 2))
+        shape = tf.concat([tf.shape(positions), tf.shape(positions)[-1:]], 0)
+        return gram_products(patches, positions, gram_update(tf.zeros(shape, columns.dtype), columns, positions)[0])
 
     def direct():
-        return tf.reduce_sum(tf.square(tf.einsum("noca,noap->nocp", values, gathered)), axis=(0, 2))
+        gathered = tf.gather(patches, positions, batch_dims=1)  # (N, O, A, P)
+        values = support_values(columns, positions)
+        per_channel = tf.reduce_sum(tf.square(tf.einsum("noca,noap->nocp", values, gathered)), axis=(0, 2))
+        return tf.transpose(tf.cast(per_channel, tf.float64))
 
-    per_channel = tf.cond(width < classes, gram, direct)  # (O, P)
-    return tf.transpose(tf.cast(per_channel, tf.float64))
+    return tf.cond(tf.shape(positions)[-1] < classes, gram, direct)
 
 
 class FactoredEngine:
-    """Per-batch factored diagonal; examples are processed in chunks that fit ``memory_budget`` bytes."""
+    """Per-batch factored diagonal; examples are processed in chunks that fit ``memory_budget`` bytes.
+
+    Through a ``rule_chain`` the columns stream: each chunk of K columns is folded into the products
+    (dense path) or into each channel's Gram matrix on the support (sparse path) and dropped, so an
+    example's C columns are never held at once. Autodiff columns are all kept, then reduced.
+    """
 
     name = "factored"
 
@@ -173,45 +227,107 @@ class FactoredEngine:
         chain = rule_chain(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
         self.column_method = "autodiff" if chain is None else "rules"
         if chain is None:
-            columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
-            self._column_source = lambda x, y: functools.partial(columns, x, y)
+            self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
         else:
-            forward = tf.function(lambda x, y: rule_forward(problem, chain, x, y, peel_softmax))
-            backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, chain, state, ids, start, stop))
-            self._column_source = lambda x, y: functools.partial(backward, forward(x, y))
+            self._forward = tf.function(lambda x, y: rule_forward(problem, chain, x, y, peel_softmax))
+            self._backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, chain, state, ids, start, stop))
+            self._support = tf.function(lambda state, start, stop: rule_support(problem, chain, state, start, stop))
         self._patches = tf.function(target.input_patches)
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
+        self._dense = tf.function(dense_products, reduce_retracing=True)
+        self._gram_update = tf.function(gram_update, reduce_retracing=True)
+        self._gram_products = tf.function(gram_products, reduce_retracing=True)
+        self._gradient = tf.function(lambda patches, dz: tf.cast(tf.einsum("nsp,nso->po", patches, dz[0]), tf.float64),
+                                     reduce_retracing=True)
 
     def chunk_sizes(self, channels: slice) -> tuple[int, int]:
         """(examples, output channels) per product call so that columns and products fit the memory budget.
 
-        The factor columns of a chunk of examples take 4·C·S·O bytes; the products of a chunk of
-        channels take 4·(2·S·P) bytes per channel and example (gathered patches and M·P) on the
-        sparse path, 4·C·P on the dense one.
+        Kept autodiff columns take 4·C·S·O bytes per example; streamed ones about 3 copies of a
+        K-column chunk plus the Gram matrices (at most min(C, S)² per channel). The products of a
+        chunk of channels take 4·(2·S·P) bytes per channel and example (gathered patches and M·P)
+        on the sparse path, 4·K·P on the dense one.
         """
         positions, features = self.positions, int(np.prod(self.problem.target.shape[:-1]))
         width = channels.stop - channels.start
-        examples = max(1, self.memory_budget // (2 * 4 * self.classes * positions * width))
-        per_channel = 4 * examples * (2 * positions * features if self.sparse else self.classes * features)
+        if self.column_method == "autodiff":
+            per_example, columns_at_once = 2 * 4 * self.classes * positions * width, self.classes
+        else:
+            support = min(self.classes, positions)
+            per_example = 4 * width * (3 * self.column_chunk * positions + support * support)
+            columns_at_once = self.column_chunk
+        examples = max(1, self.memory_budget // per_example)
+        per_channel = 4 * examples * (2 * positions * features if self.sparse else columns_at_once * features)
         return examples, max(1, min(width, self.memory_budget // (2 * per_channel)))
+
+    @property
+    def streams_gradient(self) -> bool:
+        """True when ``batch_derivatives`` gives the gradient from the same forward pass as the columns."""
+        return self.column_method == "rules"
 
     def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
         """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
-        classes = self.classes
+        if self.streams_gradient:
+            return self.batch_derivatives(x, y, channels)[1]
         examples, width = self.chunk_sizes(channels)
-        bounds = tf.constant(channels.start), tf.constant(channels.stop)
         total = None
         for first in range(0, len(x), examples):
-            xs, ys = x[first : first + examples], y[first : first + examples]
-            columns_for = self._column_source(xs, ys)
-            columns = np.empty((classes, len(xs), self.positions, channels.stop - channels.start), np.float32)
-            for c0 in range(0, classes, self.column_chunk):
-                ids = np.minimum(np.arange(c0, c0 + self.column_chunk), classes)  # index ``classes`` is the zero column
-                chunk = columns_for(tf.constant(ids, tf.int32), *bounds).numpy()
-                columns[c0 : c0 + self.column_chunk] = chunk[: classes - c0]
-            patches = self._patches(xs)
-            parts = [self._products(patches, columns[..., o : o + width]).numpy() for o in range(0, columns.shape[-1], width)]
-            part = np.concatenate(parts, axis=1)
+            part = self._kept_columns_diagonal(x[first : first + examples], y[first : first + examples], channels, width).numpy()
+            total = part if total is None else total + part
+        return total
+
+    def batch_derivatives(self, x, y, channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
+        """(P, O) sums over the batch of the gradient and of the diagonal for ``channels``, and the summed loss.
+
+        Through a ``rule_chain`` only: the loss gradient is one more column of the same forward pass.
+        """
+        examples, width = self.chunk_sizes(channels)
+        sums = None
+        for first in range(0, len(x), examples):
+            part = [t.numpy() for t in self._streamed_derivatives(x[first : first + examples], y[first : first + examples], channels, width)]
+            sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+        gradient, diagonal, loss = sums
+        return gradient, diagonal, float(loss)
+
+    def _column_ids(self):
+        """Chunks of column ids; ids past the end name the factor's zero column, which adds nothing."""
+        for c0 in range(0, self.classes, self.column_chunk):
+            yield tf.constant(np.minimum(np.arange(c0, c0 + self.column_chunk), self.classes), tf.int32)
+
+    @staticmethod
+    def _by_channels(products, out_channels: int, width: int) -> tf.Tensor:
+        return tf.concat([products(o, o + width) for o in range(0, out_channels, width)], axis=1)
+
+    def _kept_columns_diagonal(self, x, y, channels: slice, width: int) -> tf.Tensor:
+        bounds = tf.constant(channels.start), tf.constant(channels.stop)
+        columns = np.empty((self.classes, len(x), self.positions, channels.stop - channels.start), np.float32)
+        for ids in self._column_ids():
+            c0 = int(ids[0])
+            columns[c0 : c0 + self.column_chunk] = self._columns(x, y, ids, *bounds).numpy()[: self.classes - c0]
+        patches = self._patches(x)
+        return self._by_channels(lambda o, end: self._products(patches, columns[..., o:end]), columns.shape[-1], width)
+
+    def _streamed_derivatives(self, x, y, channels: slice, width: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        bounds = tf.constant(channels.start), tf.constant(channels.stop)
+        state, patches, loss = self._forward(x, y)
+        gradient = self._gradient(patches, self._backward(state, tf.constant([self.classes + 1]), *bounds))
+        return gradient, self._streamed_diagonal(state, patches, bounds, channels.stop - channels.start, width), loss
+
+    def _streamed_diagonal(self, state, patches, bounds, out_channels: int, width: int) -> tf.Tensor:
+        column_chunks = (self._backward(state, ids, *bounds) for ids in self._column_ids())
+        if self.sparse:
+            positions = self._support(state, *bounds)
+            if positions.shape[-1] < self.classes:
+                gram = tf.zeros((*positions.shape, positions.shape[-1]), tf.float32)
+                for columns in column_chunks:
+                    gram, outside = self._gram_update(gram, columns, positions)
+                    if int(outside):
+                        raise RuntimeError(f"{int(outside)} factor-column entries lie outside their computed support")
+                return self._by_channels(
+                    lambda o, end: self._gram_products(patches, positions[:, o:end], gram[:, o:end]), out_channels, width)
+        total = None
+        for columns in column_chunks:
+            part = self._by_channels(lambda o, end: self._dense(patches, columns[..., o:end]), out_channels, width)
             total = part if total is None else total + part
         return total

@@ -135,28 +135,47 @@ class LayerCurvature:
         examples gives the derivatives of the mean loss.
         """
         channels = channel_slice(self.target, out_channels)
+        if getattr(self.engine, "streams_gradient", False):
+            grad, diag = self._streamed_sums(batches, channels)
+        else:
+            grad, diag = self._separate_sums(batches, channels)
+        if not np.all(np.isfinite(diag)):
+            raise NonFiniteLossError(f"the Hessian diagonal of layer {self.target.layer.name!r} is not finite")
+        return Derivatives(as_kernel(grad, self.target, channels), as_kernel(diag, self.target, channels))
+
+    def _streamed_sums(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
+        grad = diag = None
+        for x, y in batches:
+            batch_grad, batch_diag, total = self.engine.batch_derivatives(x, y, channels)
+            self._check_loss(total, len(x))
+            grad, diag = self._sum([grad, batch_grad]), self._sum([diag, batch_diag])
+        return grad, diag
+
+    def _separate_sums(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
         grad = self._sum(self._batch_gradient(x, y, channels) for x, y in batches)
         if not self.choice.exact:
             diag, stderr = self.engine.diagonal_sum(batches, channels)
             self.stderr = as_kernel(stderr, self.target, channels)
         else:
             diag = self._sum(self.engine.batch_diagonal(x, y, channels) for x, y in batches)
-        if not np.all(np.isfinite(diag)):
-            raise NonFiniteLossError(f"the Hessian diagonal of layer {self.target.layer.name!r} is not finite")
-        return Derivatives(as_kernel(grad, self.target, channels), as_kernel(diag, self.target, channels))
+        return grad, diag
 
     def _batch_gradient(self, x, y, channels: slice) -> tf.Tensor:
         grad, total = self._gradient(x, y, tf.constant(channels.start), tf.constant(channels.stop))
-        if not np.isfinite(float(total)):
-            raise NonFiniteLossError(
-                f"the loss is {float(total)} on a batch of {len(x)} examples; check the inputs, labels and weights"
-            )
+        self._check_loss(float(total), len(x))
         return grad
 
     @staticmethod
-    def _sum(parts: Iterable[tf.Tensor]) -> np.ndarray:
+    def _check_loss(total: float, examples: int) -> None:
+        if not np.isfinite(total):
+            raise NonFiniteLossError(f"the loss is {total} on a batch of {examples} examples; check the inputs, labels and weights")
+
+    @staticmethod
+    def _sum(parts: Iterable[tf.Tensor | None]) -> np.ndarray:
         total = None
         for part in parts:
+            if part is None:
+                continue
             value = np.asarray(part, dtype=np.float64)
             total = value if total is None else total + value
         return total

@@ -180,8 +180,10 @@ def second_order_rules(layers) -> Iterator[None]:
 @dataclass(frozen=True)
 class TransposeRule:
     """``forward(layer, x) -> (y, saved)`` evaluates the layer as the model does (inference mode) and
-    keeps what its Jacobian needs; ``transpose(layer, saved, v)`` maps output cotangents (K, N, ...)
-    to input cotangents. ``applies(layer)`` is False for settings the rule does not cover."""
+    keeps what its Jacobian needs; ``transpose(layer, saved, v, magnitude)`` maps output cotangents
+    (K, N, ...) to input cotangents, through |Jᵀ| (every weight by its absolute value) when
+    ``magnitude``: applied to positive cotangents that reaches, without cancellation, every input
+    that any cotangent can reach. ``applies(layer)`` is False for settings the rule does not cover."""
 
     forward: Callable
     transpose: Callable
@@ -216,8 +218,12 @@ def _dense_forward(layer, x):
     return layer.activation(pre), activation_slope(activation_name(layer), pre)
 
 
-def _dense_transpose(layer, mask, v):
-    return tf.tensordot(_masked(v, mask), layer.kernel, axes=[[v.shape.rank - 1], [1]])
+def _weights(weights: tf.Tensor, magnitude: bool) -> tf.Tensor:
+    return tf.abs(weights) if magnitude else weights
+
+
+def _dense_transpose(layer, mask, v, magnitude=False):
+    return tf.tensordot(_masked(v, mask), _weights(layer.kernel, magnitude), axes=[[v.shape.rank - 1], [1]])
 
 
 def _conv_forward(layer, x):
@@ -226,11 +232,11 @@ def _conv_forward(layer, x):
     return layer.activation(pre), (tf.shape(x)[1:], activation_slope(activation_name(layer), pre))
 
 
-def _conv_transpose(layer, saved, v):
+def _conv_transpose(layer, saved, v, magnitude=False):
     input_shape, mask = saved
     (sh, sw) = layer.strides
     return _merged(_masked(v, mask), lambda g: tf.nn.conv2d_transpose(
-        g, layer.kernel, tf.concat([tf.shape(g)[:1], input_shape], 0), [1, sh, sw, 1], layer.padding.upper()))
+        g, _weights(layer.kernel, magnitude), tf.concat([tf.shape(g)[:1], input_shape], 0), [1, sh, sw, 1], layer.padding.upper()))
 
 
 def _conv_applies(layer) -> bool:
@@ -238,7 +244,7 @@ def _conv_applies(layer) -> bool:
             and layer.data_format == "channels_last")
 
 
-def _mask_transpose(layer, mask, v):
+def _mask_transpose(layer, mask, v, magnitude=False):
     return _masked(v, mask)
 
 
@@ -254,17 +260,37 @@ def _relu_applies(layer) -> bool:
     return layer.max_value is None and not layer.negative_slope and not layer.threshold
 
 
+def _windows_tile(layer) -> bool:
+    """True when the pooling windows are disjoint and cover the input exactly."""
+    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
+    height, width = layer.input.shape[1:3]
+    return (sh, sw) == (ph, pw) and height is not None and width is not None and height % ph == 0 and width % pw == 0
+
+
 def _max_pool_forward(layer, x):
+    """The pooled values, and where each window's maximum is (the first one on ties, as MaxPoolGrad routes).
+
+    Tiling windows keep it as a 0/1 mask over the input (routing is then one broadcast product),
+    others as flat argmax indices."""
     (ph, pw), (sh, sw) = layer.pool_size, layer.strides
     y, argmax = tf.nn.max_pool_with_argmax(x, [1, ph, pw, 1], [1, sh, sw, 1], layer.padding.upper(), include_batch_in_index=True)
+    if _windows_tile(layer):
+        size = tf.cast(tf.reshape(tf.size(x), [1]), tf.int64)
+        hits = tf.scatter_nd(tf.reshape(argmax, (-1, 1)), tf.ones(tf.size(argmax), x.dtype), size)
+        return y, (tf.shape(x), tf.reshape(hits, tf.shape(x)))
     return y, (tf.shape(x), argmax)
 
 
-def _max_pool_transpose(layer, saved, v):
-    """Route each cotangent to its window's maximum (the first one on ties, as MaxPoolGrad does)."""
-    input_shape, argmax = saved
+def _max_pool_transpose(layer, saved, v, magnitude=False):
+    """Route each cotangent to its window's maximum."""
+    input_shape, where = saved
     k = tf.shape(v)[0]
-    routed = tf.math.unsorted_segment_sum(tf.transpose(tf.reshape(v, (k, -1))), tf.reshape(argmax, [-1]),
+    if _windows_tile(layer):
+        (ph, pw) = layer.pool_size
+        n, h, w, c = (tf.shape(v)[i] for i in range(1, 5))
+        spread = tf.broadcast_to(v[:, :, :, None, :, None, :], tf.stack([k, n, h, ph, w, pw, c]))
+        return tf.reshape(spread, tf.concat([[k], input_shape], 0)) * where
+    routed = tf.math.unsorted_segment_sum(tf.transpose(tf.reshape(v, (k, -1))), tf.reshape(where, [-1]),
                                           tf.reduce_prod(input_shape))
     return tf.reshape(tf.transpose(routed), tf.concat([[k], input_shape], 0))
 
@@ -277,7 +303,7 @@ def _avg_pool_forward(layer, x):
     return layer(x, training=False), tf.shape(x)[1:]
 
 
-def _avg_pool_transpose(layer, input_shape, v):
+def _avg_pool_transpose(layer, input_shape, v, magnitude=False):
     (ph, pw), (sh, sw) = layer.pool_size, layer.strides
     return _merged(v, lambda g: tf.raw_ops.AvgPoolGrad(
         orig_input_shape=tf.concat([tf.shape(g)[:1], input_shape], 0), grad=g, ksize=[1, ph, pw, 1],
@@ -288,7 +314,7 @@ def _global_avg_forward(layer, x):
     return layer(x, training=False), tf.shape(x)[1:]
 
 
-def _global_avg_transpose(layer, input_shape, v):
+def _global_avg_transpose(layer, input_shape, v, magnitude=False):
     k, n = tf.shape(v)[0], tf.shape(v)[1]
     per_example = tf.reshape(v, (k, n, 1, 1, input_shape[-1]))
     return tf.broadcast_to(per_example, tf.concat([[k, n], input_shape], 0)) / tf.cast(input_shape[0] * input_shape[1], v.dtype)
@@ -298,7 +324,7 @@ def _shape_forward(layer, x):
     return layer(x, training=False), tf.shape(x)[1:]
 
 
-def _reshape_transpose(layer, input_shape, v):
+def _reshape_transpose(layer, input_shape, v, magnitude=False):
     return tf.reshape(v, tf.concat([tf.shape(v)[:2], input_shape], 0))
 
 
@@ -306,7 +332,7 @@ def _identity_forward(layer, x):
     return layer(x, training=False), None
 
 
-def _identity_transpose(layer, saved, v):
+def _identity_transpose(layer, saved, v, magnitude=False):
     return v
 
 
@@ -319,8 +345,8 @@ def _batch_norm_applies(layer) -> bool:
     return layer.axis in (-1, len(layer.input.shape) - 1)
 
 
-def _scale_transpose(layer, scale, v):
-    return v * scale
+def _scale_transpose(layer, scale, v, magnitude=False):
+    return v * _weights(scale, magnitude)
 
 
 IDENTITY_RULE = TransposeRule(_identity_forward, _identity_transpose)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature
 from pipeline.curvature.factored import (SPARSE_MIN_CLASSES, dense_products, factor_columns, rule_chain, rule_columns,
-                                         support_products)
+                                         rule_forward, rule_support, support_products)
 from pipeline.curvature.suffix import check_suffix
 from tests.curvature.cases import CASES
 
@@ -59,3 +59,24 @@ def test_transpose_rules_give_the_autodiff_columns(case):
     got = rule_columns(problem, chain, x, y, ids, *channels, peel).numpy()
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+    # The streamed engine keeps only each channel's support: every nonzero autodiff column entry lies in it.
+    positions = rule_support(problem, chain, rule_forward(problem, chain, x, y, peel)[0], *channels).numpy()
+    inside = np.zeros(expected.shape[1:], bool)  # (N, S, O)
+    for n, o, a in np.ndindex(positions.shape):
+        inside[n, positions[n, o, a], o] = True
+    assert np.all(expected[:, ~inside] == 0), case.name
+    assert positions.shape[-1] < expected.shape[2] or case.name != "cnn_70_classes"  # max pooling keeps a quarter
+
+
+def test_streamed_gradient_and_loss_equal_autodiff():
+    """The rules path takes the gradient as one more column of its forward pass; autodiff gets first derivatives right."""
+    case = next(case for case in CASES if case.name == "cnn_softmax_head")
+    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=case.from_logits, engine="factored")
+    assert curvature.engine.streams_gradient
+    x, y = case.data(n=5)
+    channels = slice(1, curvature.target.out_channels)
+    gradient, _, loss = curvature.engine.batch_derivatives(x, y, channels)
+    expected, expected_loss = curvature.problem.batch_gradient(tf.constant(x), tf.constant(y), channels)
+    np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-5, atol=1e-6 * np.abs(expected.numpy()).max())
+    assert loss == pytest.approx(float(expected_loss), rel=1e-6)
