@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -72,45 +73,79 @@ def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax
     return tf.vectorized_map(column, column_ids)
 
 
-def rule_chain(problem: Problem, peel_softmax: bool) -> list | None:
-    """(layer, rule) for the layers after the target, in order, when they form a chain that transpose
-    rules cover (a peeled final softmax counts as the identity); else None.
+@dataclass(frozen=True)
+class RuleGraph:
+    """The layers after the target, each with its transpose rule, in an order that evaluates every input first.
 
-    Then the factor columns go back through one batched op per layer (``rule_columns``);
-    any other suffix (branches, merges, layers without a rule) uses autodiff (``factor_columns``).
+    ``steps`` are (Keras node, rule); ``feeds`` the tensors the steps read that do not depend on the
+    target (the target's input first), computed by ``feed_model`` when there are others;
+    ``downstream`` the ids of the tensors that do depend on it, from ``start`` (the target's
+    output) to ``end`` (the model's output).
+    """
+
+    steps: tuple
+    feeds: tuple
+    start: object
+    end: object
+    downstream: frozenset
+    feed_model: keras.Model | None
+
+
+def rule_graph(problem: Problem, peel_softmax: bool) -> RuleGraph | None:
+    """The ``RuleGraph`` after the target when transpose rules cover every layer there (a peeled final
+    softmax counts as the identity) and each is called once; else None.
+
+    Then the factor columns go back through one batched op per layer, branches summing where they
+    meet (``rule_columns``); any other suffix uses autodiff (``factor_columns``).
     """
     target = problem.target
-    last = output_layer(target.model)
-    if len(target.layer._inbound_nodes) != 1:
+    model, last = target.model, output_layer(target.model)
+    nodes_by_depth = getattr(getattr(model, "_functional", model), "_nodes_by_depth", None)  # a Sequential wraps a Functional
+    if nodes_by_depth is None or len(target.layer._inbound_nodes) != 1:
         return None
-    layer, chain = target.layer, []
-    with logits_if_peeled(target.model, peel_softmax):
-        while layer is not last:
-            if len(layer._outbound_nodes) != 1:
-                return None
-            node = layer._outbound_nodes[0]
-            layer = node.operation
-            peeled = peel_softmax and layer is last and isinstance(layer, keras.layers.Softmax)
-            rule = IDENTITY_RULE if peeled else transpose_rule(layer)
-            if len(node.arguments.keras_tensors) != 1 or len(layer._inbound_nodes) != 1 or rule is None:
-                return None
-            chain.append((layer, rule))
-    return chain
+    first = target.layer._inbound_nodes[0]
+    start, feeds, steps = first.outputs[0], [first.input_tensors[0]], []
+    downstream = {id(start)}
+    with logits_if_peeled(model, peel_softmax):
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
+                if not any(id(t) in downstream for t in node.input_tensors):
+                    continue
+                layer = node.operation
+                peeled = peel_softmax and layer is last and isinstance(layer, keras.layers.Softmax)
+                rule = IDENTITY_RULE if peeled else transpose_rule(layer)
+                if rule is None or len(layer._inbound_nodes) != 1 or len(node.outputs) != 1:
+                    return None
+                steps.append((node, rule))
+                downstream.add(id(node.outputs[0]))
+                feeds += [t for t in node.input_tensors if id(t) not in downstream and all(t is not f for f in feeds)]
+    end = model.outputs[0]
+    if id(end) not in downstream:
+        return None
+    feed_model = keras.Model(model.inputs, feeds) if len(feeds) > 1 else None
+    return RuleGraph(tuple(steps), tuple(feeds), start, end, frozenset(downstream), feed_model)
 
 
-def rule_forward(problem: Problem, chain: list, x, y, peel_softmax: bool) -> tuple:
-    """One forward pass through a ``rule_chain``, shared by every column chunk of these examples:
+def rule_forward(problem: Problem, graph: RuleGraph, x, y, peel_softmax: bool) -> tuple:
+    """One forward pass through a ``rule_graph``, shared by every column chunk of these examples:
     the state the transposes need (with the loss-Hessian factor (N, C, K + 2): a zero column K pads
     column chunks, column K + 1 is the loss gradient), the target's input patches, the summed loss."""
     target = problem.target
-    a = target.layer_input(x)
+    if graph.feed_model is None:
+        fed = [target.layer_input(x)]
+    else:
+        fed = tf.nest.flatten(graph.feed_model(x, training=False))
+    values = {id(t): value for t, value in zip(graph.feeds, fed)}
+    a = fed[0]
     z = target.pre_activation(a)
+    saved = []
     with logits_if_peeled(target.model, peel_softmax):
-        h = target.layer.activation(z)
-        saved = []
-        for layer, rule in chain:
-            h, kept = rule.forward(layer, h)
+        values[id(graph.start)] = target.layer.activation(z)
+        for node, rule in graph.steps:
+            args, _ = node.arguments.fill_in(values)
+            values[id(node.outputs[0])], kept = rule.forward(node.operation, args[0])
             saved.append(kept)
+    h = values[id(graph.end)]
     outputs = tf.reshape(h, (tf.shape(x)[0], -1))
     loss = dataclasses.replace(problem.loss, from_logits=True) if peel_softmax else problem.loss
     with tf.GradientTape() as tape:
@@ -120,14 +155,14 @@ def rule_forward(problem: Problem, chain: list, x, y, peel_softmax: bool) -> tup
     return (saved, activation_slope(activation_name(target.layer), z), factor, tf.shape(h)[1:]), target.patches(a), total
 
 
-def rule_backward(problem: Problem, chain: list, forward: tuple, column_ids, start, stop) -> tf.Tensor:
-    """The factor columns ``column_ids`` back-propagated through a ``rule_chain``: (K, N, S, stop - start)."""
-    saved, _, factor, output_shape = forward
+def rule_backward(problem: Problem, graph: RuleGraph, forward: tuple, column_ids, start, stop) -> tf.Tensor:
+    """The factor columns ``column_ids`` back-propagated through a ``rule_graph``: (K, N, S, stop - start)."""
+    _, _, factor, output_shape = forward
     v = tf.transpose(tf.gather(factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
-    return _through_chain(problem, chain, forward, tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0)), start, stop)
+    return _through_graph(problem, graph, forward, tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0)), start, stop)
 
 
-def rule_support(problem: Problem, chain: list, forward: tuple, start, stop) -> tf.Tensor:
+def rule_support(problem: Problem, graph: RuleGraph, forward: tuple, start, stop) -> tf.Tensor:
     """(N, O, A) positions, per example and channel, outside which every factor column vanishes.
 
     Ones pushed back through |Jᵀ| (every weight by its magnitude) cannot cancel, so they are positive
@@ -137,21 +172,31 @@ def rule_support(problem: Problem, chain: list, forward: tuple, start, stop) -> 
     """
     _, _, factor, output_shape = forward
     ones = tf.ones(tf.concat([[1, tf.shape(factor)[0]], output_shape], 0), factor.dtype)
-    reach = _through_chain(problem, chain, forward, ones, start, stop, magnitude=True)[0]
+    reach = _through_graph(problem, graph, forward, ones, start, stop, magnitude=True)[0]
     return support_positions(tf.transpose(reach > 0, (0, 2, 1)))
 
 
-def _through_chain(problem: Problem, chain: list, forward: tuple, v, start, stop, magnitude: bool = False) -> tf.Tensor:
+def _through_graph(problem: Problem, graph: RuleGraph, forward: tuple, v, start, stop, magnitude: bool = False) -> tf.Tensor:
+    """Cotangents (K, N, ...) of the model output back to the target's z, summed where branches meet."""
     saved, mask, _, _ = forward
-    for (layer, rule), kept in zip(reversed(chain), reversed(saved)):
-        v = rule.transpose(layer, kept, v, magnitude)
+    cotangents = {id(graph.end): v}
+    for (node, rule), kept in zip(reversed(graph.steps), reversed(saved)):
+        g = cotangents.pop(id(node.outputs[0]), None)
+        if g is None:  # a branch that does not reach the output
+            continue
+        inputs = node.input_tensors
+        parts = rule.transpose(node.operation, kept, g, magnitude)
+        for tensor, part in zip(inputs, parts if len(inputs) > 1 else [parts]):
+            if id(tensor) in graph.downstream:
+                cotangents[id(tensor)] = cotangents[id(tensor)] + part if id(tensor) in cotangents else part
+    v = cotangents[id(graph.start)]
     v = v if mask is None else v * mask
     return tf.reshape(v, (tf.shape(v)[0], tf.shape(v)[1], -1, problem.target.out_channels))[..., start:stop]
 
 
-def rule_columns(problem: Problem, chain: list, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
-    """``factor_columns`` through a ``rule_chain``: (K, N, S, O), the same values."""
-    return rule_backward(problem, chain, rule_forward(problem, chain, x, y, peel_softmax)[0], column_ids, start, stop)
+def rule_columns(problem: Problem, graph: RuleGraph, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
+    """``factor_columns`` through a ``rule_graph``: (K, N, S, O), the same values."""
+    return rule_backward(problem, graph, rule_forward(problem, graph, x, y, peel_softmax)[0], column_ids, start, stop)
 
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
@@ -210,7 +255,7 @@ def support_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
 class FactoredEngine:
     """Per-batch factored diagonal; examples are processed in chunks that fit ``memory_budget`` bytes.
 
-    Through a ``rule_chain`` the columns stream: each chunk of K columns is folded into the products
+    Through a ``rule_graph`` the columns stream: each chunk of K columns is folded into the products
     (dense path) or into each channel's Gram matrix on the support (sparse path) and dropped, so an
     example's C columns are never held at once. Autodiff columns are all kept, then reduced.
     """
@@ -224,14 +269,14 @@ class FactoredEngine:
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.column_chunk = min(column_chunk, self.classes)
         self.memory_budget = memory_budget
-        chain = rule_chain(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
-        self.column_method = "autodiff" if chain is None else "rules"
-        if chain is None:
+        graph = rule_graph(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
+        self.column_method = "autodiff" if graph is None else "rules"
+        if graph is None:
             self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
         else:
-            self._forward = tf.function(lambda x, y: rule_forward(problem, chain, x, y, peel_softmax))
-            self._backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, chain, state, ids, start, stop))
-            self._support = tf.function(lambda state, start, stop: rule_support(problem, chain, state, start, stop))
+            self._forward = tf.function(lambda x, y: rule_forward(problem, graph, x, y, peel_softmax))
+            self._backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, graph, state, ids, start, stop))
+            self._support = tf.function(lambda state, start, stop: rule_support(problem, graph, state, start, stop))
         self._patches = tf.function(target.input_patches)
         self.sparse = self.classes >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
@@ -280,7 +325,7 @@ class FactoredEngine:
     def batch_derivatives(self, x, y, channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
         """(P, O) sums over the batch of the gradient and of the diagonal for ``channels``, and the summed loss.
 
-        Through a ``rule_chain`` only: the loss gradient is one more column of the same forward pass.
+        Through a ``rule_graph`` only: the loss gradient is one more column of the same forward pass.
         """
         examples, width = self.chunk_sizes(channels)
         sums = None

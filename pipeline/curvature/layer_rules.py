@@ -349,7 +349,38 @@ def _scale_transpose(layer, scale, v, magnitude=False):
     return v * _weights(scale, magnitude)
 
 
+def _merge_forward(layer, inputs):
+    return layer(inputs, training=False), None
+
+
+def _same_shapes(layer) -> bool:
+    """True when a merge layer's inputs have equal shapes (no broadcasting)."""
+    return len({tuple(t.shape) for t in layer.input}) == 1
+
+
+def _add_transpose(layer, saved, v, magnitude=False):
+    return [v] * len(layer.input)
+
+
+def _subtract_transpose(layer, saved, v, magnitude=False):
+    return [v, v if magnitude else -v]
+
+
+def _average_transpose(layer, saved, v, magnitude=False):
+    return [v / len(layer.input)] * len(layer.input)
+
+
+def _concatenate_forward(layer, inputs):
+    return layer(inputs, training=False), [tf.shape(t)[layer.axis] for t in inputs]
+
+
+def _concatenate_transpose(layer, sizes, v, magnitude=False):
+    """Split the cotangent along the joined axis (one further along: the leading axis holds the columns)."""
+    return tf.split(v, tf.stack(sizes), axis=layer.axis if layer.axis < 0 else layer.axis + 1, num=len(sizes))
+
+
 IDENTITY_RULE = TransposeRule(_identity_forward, _identity_transpose)
+# Merge layers: ``forward`` takes the list of inputs, ``transpose`` returns one cotangent per input.
 TRANSPOSE_RULES: dict[type, TransposeRule] = {
     _L.Dense: TransposeRule(_dense_forward, _dense_transpose, activation_has_transpose_rule),
     _L.Conv2D: TransposeRule(_conv_forward, _conv_transpose, _conv_applies),
@@ -362,6 +393,11 @@ TRANSPOSE_RULES: dict[type, TransposeRule] = {
     _L.Flatten: TransposeRule(_shape_forward, _reshape_transpose),
     _L.Reshape: TransposeRule(_shape_forward, _reshape_transpose),
     _L.BatchNormalization: TransposeRule(_batch_norm_forward, _scale_transpose, _batch_norm_applies),
+    _L.Add: TransposeRule(_merge_forward, _add_transpose, _same_shapes),
+    _L.Subtract: TransposeRule(_merge_forward, _subtract_transpose, _same_shapes),
+    _L.Average: TransposeRule(_merge_forward, _average_transpose, _same_shapes),
+    _L.Concatenate: TransposeRule(_concatenate_forward, _concatenate_transpose,
+                                  lambda layer: layer.axis % len(layer.output.shape) != 0),
     **{kind: IDENTITY_RULE for kind in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianDropout,
                     _L.GaussianNoise, _L.Identity)},
 }

@@ -155,6 +155,18 @@ def _transpose_zoo():
     return model
 
 
+def _merge_zoo():
+    """A suffix with branches through every merge rule: Add of two paths from the target, Concatenate with a
+    tensor computed beside the target, Subtract reusing the target's output, Average, then max pooling."""
+    inp = keras.Input((6, 6, 2))
+    t = L.Conv2D(4, 3, padding="same", activation="relu", name="target")(L.Conv2D(3, 3, padding="same", activation="tanh")(inp))
+    side = L.Conv2D(2, 3, padding="same", activation="relu")(inp)
+    u = L.Add()([t, L.Conv2D(4, 1)(t)])
+    q = L.Conv2D(4, 3, padding="same")(L.Concatenate()([u, side]))
+    h = L.Average()([L.Subtract()([q, t]), q])
+    return keras.Model(inp, L.Dense(5)(L.Flatten()(L.MaxPooling2D()(h))))
+
+
 CASES = [
     Case("cnn_maxpool_relu", _cnn("relu"), "target", "sparse_categorical_crossentropy", True, True, (6, 6, 2), 5),
     Case("cnn_softmax_head", _cnn("relu", head="softmax"), "target", "sparse_categorical_crossentropy", False, True, (6, 6, 2), 5),
@@ -164,6 +176,7 @@ CASES = [
     Case("strided_valid", _strided, "target", "categorical_crossentropy", True, True, (7, 7, 2), 4),
     Case("dilated_same_gelu", _dilated_same, "target", "mse", False, False, (6, 6, 2), 4),
     Case("transpose_zoo", _transpose_zoo, "target", "sparse_categorical_crossentropy", False, True, (8, 8, 2), 4),
+    Case("merge_zoo", _merge_zoo, "target", "sparse_categorical_crossentropy", True, True, (6, 6, 2), 5),
     Case("mlp_relu", _mlp("relu"), "target", "sparse_categorical_crossentropy", True, True, (5,), 3),
     Case("mlp_tanh", _mlp("tanh"), "target", "mse", False, False, (5,), 3),
     Case("residual_relu", _residual("relu"), "target", "sparse_categorical_crossentropy", True, True, (5, 5, 2), 4),
