@@ -2,9 +2,11 @@
 
 Exact engine on a tanh MLP (Dense target) and a tanh CNN; factored engine on a CIFAR-size
 VGG and on VGG16 ``block4_conv3`` (with its column back-propagation FLOPs against this
-machine's GEMM rate); then the cost of a repeated ``layer_derivatives`` call. BackPACK gets only the suffix from the target layer on (the fair comparison): the
-target layer's input activations are computed once and handed to it. Each side runs
-in its own process so its peak memory (max RSS) is its own.
+machine's GEMM rate); then the cost of a repeated ``layer_derivatives`` call. BackPACK gets
+only the suffix from the target layer on (the fair comparison): the target layer's input
+activations are computed once and handed to it. Each side runs in its own process so its
+peak memory (max RSS) is its own. Both sides are timed alike: best of 15 calls after an
+untimed one, except VGG16 (``--cold``), where each side's first call is timed.
 
     pip install -e ".[bench]"      # torch 2.13.0 and backpack-for-pytorch
     .venv/bin/python scripts/bench_backpack.py                 # everything (VGG16 takes minutes, ~15 GB)
@@ -62,12 +64,15 @@ def inputs(model_key: str, batch: int):
 
 
 def gemm_rate() -> float:
-    """This machine's float32 matrix-product rate in GFLOP/s (2048², best of 5), measured in this process."""
+    """This machine's float32 matrix-product rate in GFLOP/s (2048², best of 10), measured in this process.
+
+    The rate of this shared machine varies by up to 2x over minutes, so callers take the best of a
+    measurement before and one after the timed call."""
     import tensorflow as tf
 
     a, b = tf.random.normal((2048, 2048)), tf.random.normal((2048, 2048))
     product = tf.function(lambda a, b: a @ b)
-    return 2 * 2048**3 / best_of(lambda: product(a, b).numpy(), repeats=5) / 1e9
+    return 2 * 2048**3 / best_of(lambda: product(a, b).numpy(), repeats=10) / 1e9
 
 
 def column_flops(curvature, batch: int) -> float:
@@ -84,6 +89,15 @@ def column_flops(curvature, batch: int) -> float:
     return total * curvature.engine.classes * batch
 
 
+def timed(fn, warm_up: bool) -> float:
+    """Seconds of ``fn``: the best of 15 calls after an untimed one, or its first call."""
+    if warm_up:
+        return best_of(fn, repeats=15)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def role_ours(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     from pipeline.curvature import LayerCurvature
 
@@ -91,15 +105,13 @@ def role_ours(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     model, x, y = inputs(model_key, batch)
     options = {"column_chunk": 50} if engine == "factored" else {"chunk_size": 256}
     curvature = LayerCurvature(model, layer, loss="sparse_categorical_crossentropy", from_logits=from_logits, engine=engine, **options)
-    if warm_up:
-        curvature.compute([(x, y)])  # trace and optimize the graphs for this exact shape, outside the timing
-    start = time.perf_counter()
-    result = curvature.compute([(x, y)])
-    seconds = time.perf_counter() - start
-    np.save(out, result.hessian_diagonal)
+    rate_before = gemm_rate() if engine == "factored" else 0.0
+    results = []
+    seconds = timed(lambda: results.append(curvature.compute([(x, y)])), warm_up)
+    np.save(out, results[-1].hessian_diagonal)
     record = {"seconds": seconds, "method": getattr(curvature.engine, "column_method", getattr(curvature.engine, "method", ""))}
     if engine == "factored":
-        record.update(flops=column_flops(curvature, batch), gemm=gemm_rate())
+        record.update(flops=column_flops(curvature, batch), gemm=max(rate_before, gemm_rate()))
     return record
 
 
@@ -144,7 +156,7 @@ def torch_suffix(model, layer_name):
     return torch.nn.Sequential(*layers)
 
 
-def role_backpack(model_key: str, batch: int, out: str) -> dict:
+def role_backpack(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     import torch
     from backpack import backpack, extend
     from backpack.extensions import DiagHessian
@@ -160,11 +172,13 @@ def role_backpack(model_key: str, batch: int, out: str) -> dict:
     loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
     a_t = torch.tensor(np.transpose(a, (0, 3, 1, 2)).copy() if a.ndim == 4 else a)
     y_t = torch.tensor(y)
-    start = time.perf_counter()
-    loss = loss_fn(suffix(a_t), y_t)
-    with backpack(DiagHessian()):
-        loss.backward()
-    seconds = time.perf_counter() - start
+
+    def diag_hessian():
+        loss = loss_fn(suffix(a_t), y_t)
+        with backpack(DiagHessian()):
+            loss.backward()
+
+    seconds = timed(diag_hessian, warm_up)
     weight = suffix[0].weight.diag_h.detach().numpy()
     np.save(out, np.transpose(weight, (2, 3, 1, 0)) if weight.ndim == 4 else weight.T)
     return {"seconds": seconds}
@@ -196,9 +210,9 @@ def compare(model_key: str, batch: int, workdir: str, warm_up: bool) -> None:
     if "flops" in ours:
         achieved = ours["flops"] / ours["seconds"] / 1e9
         rate = f" | column back-propagation {ours['flops'] / 1e9:.1f} GFLOP: {achieved:.0f} GFLOP/s = {achieved / ours['gemm']:.2f} of GEMM ({ours['gemm']:.0f})"
-    cold = "" if warm_up else " (first call, tracing included)"
+    cold = " (best of 15 warm calls each)" if warm_up else " (first call each, tracing included)"
     print(
-        f"{label}: hessdiag {ours['seconds']:.4f} s{cold}, peak {ours['peak_bytes'] / 2**30:.2f} GiB"
+        f"{label}{cold}: hessdiag {ours['seconds']:.4f} s, peak {ours['peak_bytes'] / 2**30:.2f} GiB"
         f" | BackPACK {theirs['seconds']:.4f} s, peak {theirs['peak_bytes'] / 2**30:.2f} GiB"
         f" | speed-up {theirs['seconds'] / ours['seconds']:.2f}x, memory {ours['peak_bytes'] / theirs['peak_bytes']:.2f} of BackPACK's"
         f" | max |diff| / max|diag| {diff.max() / scale:.1e}{rate}",
@@ -217,7 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.role:
         key = args.model[0]
-        record = role_ours(key, args.batch, args.out, args.warm_up) if args.role == "ours" else role_backpack(key, args.batch, args.out)
+        record = role_ours(key, args.batch, args.out, args.warm_up) if args.role == "ours" else role_backpack(key, args.batch, args.out, args.warm_up)
         record["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(record))
         return

@@ -65,6 +65,26 @@ def position_rows(problem: Problem, x, y, s_ids: tf.Tensor, o_ids: tf.Tensor) ->
     return tf.vectorized_map(one, tf.stack([s_ids, o_ids], axis=1))
 
 
+def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid, start, width: int) -> tf.Tensor:
+    """(P, width) float64 contribution of one chunk of HVP directions to the diagonal of channels start:start + width.
+
+    Entry method: direction k is entry (inner_ids[k], o_ids[k]). Block method: it is position
+    inner_ids[k] of channel o_ids[k], contributing sum_n P[n, s, p] sum_s' B[n, o, s, s'] P[n, s', p].
+    Directions with ``valid`` 0 pad the chunk to its traced size and add nothing.
+    """
+    if method == "entry":
+        values = entry_curvatures(problem, x, y, inner_ids, o_ids) * valid
+        where = tf.stack([inner_ids, o_ids - start], axis=1)
+        features = int(np.prod(problem.target.shape[:-1]))
+        per_entry = tf.tensor_scatter_nd_add(tf.zeros((features, width), values.dtype), where, values)
+        return tf.cast(per_entry, tf.float64)
+    rows = position_rows(problem, x, y, inner_ids, o_ids)  # (K, N, S): row s of B[n, o]
+    patches = problem.target.input_patches(x)  # (N, S, P)
+    own = tf.gather(patches, inner_ids, axis=1)  # (N, K, P)
+    per_direction = tf.einsum("nkp,kns,nsp->kp", own, rows, patches) * valid[:, None]
+    return tf.cast(tf.transpose(tf.math.unsorted_segment_sum(per_direction, o_ids - start, width)), tf.float64)
+
+
 class ExactEngine:
     """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method."""
 
@@ -78,50 +98,48 @@ class ExactEngine:
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.method = "block" if self.positions < self.features else "entry"
         self._curvatures = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o))
-        self._rows = tf.function(lambda x, y, s, o: position_rows(problem, x, y, s, o))
-        self._patches = tf.function(target.input_patches)
+        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: chunk_diagonal(
+            problem, method, x, y, inner, o, valid, start, width))
+        self._first_chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: (
+            chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
+            *problem.batch_gradient(x, y, slice(start, start + width))))
 
-    def batch_diagonal(self, x, y, channels: slice) -> tf.Tensor:
+    streams_gradient = True  # the gradient comes from the graph of the first chunk of directions
+
+    def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
         """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
+        return self.batch_derivatives(x, y, channels)[1]
+
+    def batch_derivatives(self, x, y, channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
+        """(P, O) sums over the batch of the gradient and of the diagonal for ``channels``, and the summed loss."""
         outs = channels.stop - channels.start
         inner = self.positions if self.method == "block" else self.features
-        inner_ids = tf.tile(tf.range(inner, dtype=tf.int32), [outs])
-        o_ids = tf.repeat(tf.range(channels.start, channels.stop, dtype=tf.int32), inner)
-        products = self._products
         total = inner * outs
-        pieces = []
-        for start in range(0, total, self.chunk_size):
-            stop = min(start + self.chunk_size, total)
-            inner_chunk, o_chunk = self._padded(inner_ids[start:stop]), self._padded(o_ids[start:stop])
-            pieces.append(products(x, y, inner_chunk, o_chunk)[: stop - start])
-        flat = tf.concat(pieces, axis=0)
-        if self.method == "entry":
-            return tf.transpose(tf.reshape(flat, (outs, self.features)))
-        rows = tf.reshape(flat, (outs, self.positions, len(x), self.positions))  # [o, s, n, s'] = B[n, o, s, s']
-        patches = self._patches(x)  # (N, S, P)
-        return tf.einsum("nsp,osnt,ntp->po", patches, rows, patches)
-
-    @property
-    def _products(self):
-        """The traced HVP products of the chosen method: rows of position blocks, or entry curvatures."""
-        return self._rows if self.method == "block" else self._curvatures
+        size = min(self.chunk_size, total)  # every chunk is padded to this size, so one traced graph serves all
+        inner_ids = np.tile(np.arange(inner, dtype=np.int32), outs)
+        o_ids = np.repeat(np.arange(channels.start, channels.stop, dtype=np.int32), inner)
+        for first in range(0, total, size):
+            count = min(size, total - first)
+            pad = np.zeros(size - count, np.int32)
+            arguments = (self.method, x, y, tf.constant(np.concatenate([inner_ids[first : first + count], pad])),
+                         tf.constant(np.concatenate([o_ids[first : first + count], pad + channels.start])),
+                         tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), outs)
+            if first == 0:
+                diagonal, gradient, loss = (t.numpy() for t in self._first_chunk(*arguments))
+            else:
+                diagonal = diagonal + self._chunk(*arguments).numpy()
+        return gradient, diagonal, float(loss)
 
     def directions(self, channels: slice) -> int:
         """HVPs per example block for ``channels``: the unit of this engine's cost."""
         return (self.positions if self.method == "block" else self.features) * (channels.stop - channels.start)
 
     def time_chunk(self, x, y) -> float:
-        """Seconds for one vectorized chunk of HVP directions on examples ``x``."""
+        """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
         started = time.perf_counter()
-        self._products(x, y, ids, ids).numpy()
+        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), 1).numpy()
         return time.perf_counter() - started
-
-    def _padded(self, ids: tf.Tensor) -> tf.Tensor:
-        """Pad to the chunk size so every call reuses one traced graph."""
-        missing = self.chunk_size - int(ids.shape[0])
-        return tf.concat([ids, tf.zeros([missing], tf.int32)], axis=0) if missing else ids
-
 
 def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:
     """Mean-loss Hessian-diagonal entries at multi-indices of W by the exact engine (a spot check)."""
