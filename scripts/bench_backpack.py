@@ -6,7 +6,8 @@ machine's GEMM rate); then the cost of a repeated ``layer_derivatives`` call. Ba
 only the suffix from the target layer on (the fair comparison): the target layer's input
 activations are computed once and handed to it. Each side runs in its own process so its
 peak memory (max RSS) is its own. Both sides are timed alike: best of 15 calls after an
-untimed one, except VGG16 (``--cold``), where each side's first call is timed.
+untimed one, the two sides alternating over 3 rounds (``--rounds``) with each side's fastest
+kept, except VGG16 (``--cold``), where each side's first call is timed.
 
     pip install -e ".[bench]"      # torch 2.13.0 and backpack-for-pytorch
     .venv/bin/python scripts/bench_backpack.py                 # everything (VGG16 takes minutes, ~15 GB)
@@ -196,10 +197,19 @@ def run_role(role: str, model_key: str, batch: int, workdir: str, warm_up: bool)
     return record
 
 
-def compare(model_key: str, batch: int, workdir: str, warm_up: bool) -> None:
+def fastest(records: list[dict]) -> dict:
+    """The record with the fewest seconds; any error wins, so it is reported."""
+    failed = [r for r in records if "error" in r]
+    return failed[0] if failed else min(records, key=lambda r: r["seconds"])
+
+
+def compare(model_key: str, batch: int, workdir: str, warm_up: bool, rounds: int) -> None:
+    """Warm comparisons alternate the two sides over ``rounds`` (this shared machine's speed drifts
+    over minutes) and keep each side's fastest; cold ones run once."""
     _, layer, _, engine, _ = MODELS[model_key]
-    ours = run_role("ours", model_key, batch, workdir, warm_up)
-    theirs = run_role("backpack", model_key, batch, workdir, warm_up)
+    runs = [(run_role("ours", model_key, batch, workdir, warm_up), run_role("backpack", model_key, batch, workdir, warm_up))
+            for _ in range(rounds if warm_up else 1)]
+    ours, theirs = fastest([r[0] for r in runs]), fastest([r[1] for r in runs])
     label = f"{model_key} ({layer}), batch {batch}, {engine} [{ours.get('method', '')}]"
     if "error" in ours or "error" in theirs:
         print(f"{label}: hessdiag {ours.get('error', 'ok')} | BackPACK {theirs.get('error', 'ok')}")
@@ -210,7 +220,7 @@ def compare(model_key: str, batch: int, workdir: str, warm_up: bool) -> None:
     if "flops" in ours:
         achieved = ours["flops"] / ours["seconds"] / 1e9
         rate = f" | column back-propagation {ours['flops'] / 1e9:.1f} GFLOP: {achieved:.0f} GFLOP/s = {achieved / ours['gemm']:.2f} of GEMM ({ours['gemm']:.0f})"
-    cold = " (best of 15 warm calls each)" if warm_up else " (first call each, tracing included)"
+    cold = f" (best of {rounds} x 15 warm calls each)" if warm_up else " (first call each, tracing included)"
     print(
         f"{label}{cold}: hessdiag {ours['seconds']:.4f} s, peak {ours['peak_bytes'] / 2**30:.2f} GiB"
         f" | BackPACK {theirs['seconds']:.4f} s, peak {theirs['peak_bytes'] / 2**30:.2f} GiB"
@@ -225,6 +235,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), action="append", help="default: all, in table order")
     parser.add_argument("--batch", type=int, help="default: each model's own")
     parser.add_argument("--cold", action="append", default=["vgg16"], help="models timed on their first call (default vgg16)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the warm comparisons (default 3)")
     parser.add_argument("--role", choices=["ours", "backpack"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--warm-up", action="store_true", help=argparse.SUPPRESS)
@@ -240,7 +251,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as workdir:
         for key in args.model or list(MODELS):
-            compare(key, args.batch or MODELS[key][4], workdir, warm_up=key not in args.cold)
+            compare(key, args.batch or MODELS[key][4], workdir, warm_up=key not in args.cold, rounds=args.rounds)
     repeated_call_cost()
 
 

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature
-from pipeline.curvature.factored import (SPARSE_MIN_CLASSES, dense_products, factor_columns, rule_columns, rule_graph,
-                                         rule_forward, rule_support, support_products)
+from pipeline.curvature.factored import (SPARSE_MIN_CLASSES, dense_products, factor_columns, gram_products, gram_update,
+                                         rule_columns, rule_forward, rule_graph, rule_support, support_positions,
+                                         support_products)
 from pipeline.curvature.suffix import check_suffix
 from tests.curvature.cases import CASES
 
@@ -78,3 +79,20 @@ def test_streamed_gradient_and_loss_equal_autodiff():
     expected, expected_loss = curvature.problem.batch_gradient(tf.constant(x), tf.constant(y), channels)
     np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-5, atol=1e-6 * np.abs(expected.numpy()).max())
     assert loss == pytest.approx(float(expected_loss), rel=1e-6)
+
+
+def test_streamed_gram_equals_sums_of_squares_and_counts_entries_off_the_support():
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(3, 20, 7)).astype("float32")
+    columns = _columns_with_shared_support(rng, 90, 3, 20, 4)
+    positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
+    gram = tf.zeros((*positions.shape, positions.shape[-1]))
+    for chunk in np.array_split(columns, 4):  # streamed in column chunks
+        gram, outside = gram_update(gram, tf.constant(chunk), positions)
+        assert int(outside) == 0
+    expected = (np.einsum("nsp,cnso->cnpo", patches.astype(float), columns.astype(float)) ** 2).sum(axis=(0, 1))
+    np.testing.assert_allclose(gram_products(tf.constant(patches), positions, gram).numpy(), expected, rtol=2e-5, atol=1e-6)
+
+    narrower = positions[..., 1:]  # drops an active position of some (example, channel)
+    _, outside = gram_update(tf.zeros((*narrower.shape, narrower.shape[-1])), tf.constant(columns), narrower)
+    assert int(outside) > 0
