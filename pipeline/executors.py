@@ -7,7 +7,6 @@ checks that they produce bit-identical stores.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from collections import deque
@@ -18,7 +17,7 @@ from pipeline.errors import HessdiagError
 from pipeline.plan import Unit
 from pipeline.ray_auth import use_available_token
 from pipeline.stop_signals import raise_if_stopped
-from pipeline.worker import UnitWorker
+from pipeline.worker import UnitWorker, worker_environment
 
 HEARTBEAT_SECONDS = 10.0
 OnDone = Callable[[Unit, dict], None]
@@ -92,7 +91,7 @@ class RayExecutor:
             num_gpus=self.gpus_per_worker,
             scheduling_strategy="SPREAD",
             max_restarts=0,
-            runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}},
+            runtime_env={"env_vars": worker_environment()},
         ).remote(self._config_json, self.config.cluster.cpus_per_worker)
 
     def execute(self, units: list[Unit], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:

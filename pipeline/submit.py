@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from pipeline.config import load_config
 from pipeline.errors import BadInputError
 from pipeline.ray_auth import auth_headers, missing_token_error
+from pipeline.worker import worker_environment
 
 CONFIG_NAME = "hessdiag_config.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -48,7 +49,7 @@ def job_spec(config_path: str, overrides: list[str], pip: bool) -> tuple[str, di
     runtime_env = {
         "working_dir": staging,
         "py_modules": [str(Path(__file__).resolve().parent)],
-        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        "env_vars": worker_environment(),
     }
     if pip:
         runtime_env["pip"] = project_requirements()

@@ -18,13 +18,28 @@ from pipeline.plan import Unit
 from pipeline.store import ResultStore
 
 
+def worker_environment() -> dict[str, str]:
+    """Environment a worker process needs before TensorFlow is imported, for Ray actors and jobs:
+    quiet logs, and this process's ``TF_ENABLE_ONEDNN_OPTS`` when set (``0`` trades CPU speed for
+    TensorFlow's own kernels, which round less than oneDNN's)."""
+    environment = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
+        environment["TF_ENABLE_ONEDNN_OPTS"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
+    return environment
+
+
 def configure_tensorflow(threads: int) -> list[str]:
-    """Thread pools, deterministic ops and GPU memory growth; returns visible GPU names."""
+    """Thread pools, deterministic ops, full float32 and GPU memory growth; returns visible GPU names.
+
+    TensorFloat-32 (on by default on NVIDIA Ampere and later) rounds matrix-product and convolution
+    inputs to 10-bit mantissas, which no exact result can afford: it is switched off.
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.experimental.enable_tensor_float_32_execution(False)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
