@@ -65,7 +65,7 @@ def position_rows(problem: Problem, x, y, s_ids: tf.Tensor, o_ids: tf.Tensor) ->
     return tf.vectorized_map(one, tf.stack([s_ids, o_ids], axis=1))
 
 
-def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid, start, width: int) -> tf.Tensor:
+def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid, start, width) -> tf.Tensor:
     """(P, width) float64 contribution of one chunk of HVP directions to the diagonal of channels start:start + width.
 
     Entry method: direction k is entry (inner_ids[k], o_ids[k]). Block method: it is position
@@ -98,9 +98,9 @@ class ExactEngine:
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.method = "block" if self.positions < self.features else "entry"
         self._curvatures = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o))
-        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: chunk_diagonal(
-            problem, method, x, y, inner, o, valid, start, width))
-        self._first_chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: (
+        # One traced graph for every chunk: the gradient costs one backward pass beside the chunk's HVPs,
+        # and only the first chunk's is used.
+        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: (
             chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
             *problem.batch_gradient(x, y, slice(start, start + width))))
 
@@ -123,11 +123,11 @@ class ExactEngine:
             pad = np.zeros(size - count, np.int32)
             arguments = (self.method, x, y, tf.constant(np.concatenate([inner_ids[first : first + count], pad])),
                          tf.constant(np.concatenate([o_ids[first : first + count], pad + channels.start])),
-                         tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), outs)
+                         tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), tf.constant(outs))
             if first == 0:
-                diagonal, gradient, loss = (t.numpy() for t in self._first_chunk(*arguments))
+                diagonal, gradient, loss = (t.numpy() for t in self._chunk(*arguments))
             else:
-                diagonal = diagonal + self._chunk(*arguments).numpy()
+                diagonal = diagonal + self._chunk(*arguments)[0].numpy()
         return gradient, diagonal, float(loss)
 
     def directions(self, channels: slice) -> int:
@@ -138,7 +138,7 @@ class ExactEngine:
         """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
         started = time.perf_counter()
-        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), 1).numpy()
+        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1))[0].numpy()
         return time.perf_counter() - started
 
 def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:
