@@ -86,8 +86,6 @@ def follow_job(client, job_id: str, print_: Callable[[str], None], poll: float =
 
 def submit_job(config_path: str, address: str, overrides: list[str], follow: bool, print_=print, pip: bool = False) -> int:
     """Submit the run; print the job id; with ``follow`` stream logs and return the job's exit code."""
-    from ray.job_submission import JobSubmissionClient
-
     entrypoint, runtime_env, staging = job_spec(config_path, overrides, pip)
     try:
         with jobs_api_errors(address):

@@ -92,7 +92,7 @@ def main() -> None:
 
     if args.xla:
         from pipeline.curvature.exact import entry_curvatures
-        from pipeline.curvature.factored import factor_columns
+        from pipeline.curvature.columns import factor_columns
 
         problem = exact.problem
         xla_entries = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o), jit_compile=True)

@@ -7,7 +7,6 @@ and the cost of a repeated ``layer_derivatives`` call against the warm compute, 
 from __future__ import annotations
 
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -8,7 +8,6 @@ import zarr
 
 from pipeline.coordinator import run
 from pipeline.data import open_data
-from pipeline.errors import BadInputError
 from pipeline.losses import get_loss
 from pipeline.store import ResultStore
 from tests.conftest import tiny_config, tiny_raw, write_config

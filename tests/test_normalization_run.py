@@ -1,7 +1,6 @@
 """A full `hessdiag run` through GroupNormalization and LayerNormalization, validated by finite differences."""
 
 import keras
-import numpy as np
 import pytest
 
 from pipeline.cli import main

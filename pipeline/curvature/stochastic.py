@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
-from pipeline.curvature.factored import dense_products, factor_columns
+from pipeline.curvature.columns import factor_columns
+from pipeline.curvature.factored import dense_products
 from pipeline.curvature.problem import Problem
 
 

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature
-from pipeline.curvature.factored import (SPARSE_MIN_CLASSES, dense_products, factor_columns, gram_products, gram_update,
-                                         rule_columns, rule_forward, rule_graph, rule_support, support_positions,
-                                         support_products)
+from pipeline.curvature.columns import (factor_columns, rule_columns, rule_forward, rule_graph, rule_support,
+                                        support_positions)
+from pipeline.curvature.factored import SPARSE_MIN_CLASSES, dense_products, gram_products, gram_update, support_products
 from pipeline.curvature.suffix import check_suffix
 from tests.curvature.cases import CASES
 
