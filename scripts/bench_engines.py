@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pipeline.curvature import LayerCurvature  # noqa: E402
+from pipeline.curvature.exact import entry_curvatures  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
 
@@ -58,9 +59,11 @@ def main() -> None:
     p_ids, o_ids = ids % features, ids // features
     calls = max(1, args.entries // args.chunk)
 
+    curvatures = tf.function(lambda x, y, p, o: entry_curvatures(exact.problem, x, y, p, o))
+
     def exact_entries():
         for _ in range(calls):
-            exact.engine._curvatures(x, y, p_ids, o_ids).numpy()
+            curvatures(x, y, p_ids, o_ids).numpy()
 
     exact_per_entry = best_of(exact_entries, repeats=2) / (calls * args.chunk)
 
@@ -91,7 +94,6 @@ def main() -> None:
     factored_per_entry = factored_total / size
 
     if args.xla:
-        from pipeline.curvature.exact import entry_curvatures
         from pipeline.curvature.columns import factor_columns
 
         problem = exact.problem
@@ -108,7 +110,7 @@ def main() -> None:
 
     # the naive entries double as a correctness check of the exact engine
     check = np.array([float(naive_entry(p_ids[j] * kernel.shape[-1] + o_ids[j])) for j in range(4)])
-    engine_values = exact.engine._curvatures(x, y, p_ids[:4], o_ids[:4]).numpy()
+    engine_values = curvatures(x, y, p_ids[:4], o_ids[:4]).numpy()
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, TensorFlow {tf.__version__}, devices {[d.device_type for d in tf.config.list_physical_devices()]}")
     print(f"model: cifar_vgg, target conv {tuple(kernel.shape)} ({size} entries), batch {args.batch}")

@@ -85,6 +85,17 @@ def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid,
     return tf.cast(tf.transpose(tf.math.unsorted_segment_sum(per_direction, o_ids - start, width)), tf.float64)
 
 
+def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor, tf.Tensor]:
+    """``problem.batch_gradient`` for channels start:start + width when ``wanted`` (a boolean tensor), else zeros.
+
+    A graph condition rather than a Python one, so the chunk that takes the gradient and those that
+    do not share one traced graph (tracing vectorized HVPs costs seconds).
+    """
+    features = int(np.prod(problem.target.shape[:-1]))
+    return tf.cond(wanted, lambda: problem.batch_gradient(x, y, slice(start, start + width)),
+                   lambda: (tf.zeros((features, width)), tf.constant(0.0)))
+
+
 class ExactEngine:
     """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method."""
 
@@ -97,14 +108,11 @@ class ExactEngine:
         self.features = int(np.prod(target.shape[:-1]))
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.method = "block" if self.positions < self.features else "entry"
-        self._curvatures = tf.function(lambda x, y, p, o: entry_curvatures(problem, x, y, p, o))
-        # One traced graph for every chunk: the gradient costs one backward pass beside the chunk's HVPs,
-        # and only the first chunk's is used.
-        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width: (
+        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width, with_gradient: (
             chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
-            *problem.batch_gradient(x, y, slice(start, start + width))))
+            *gradient_if(with_gradient, problem, x, y, start, width)))
 
-    streams_gradient = True  # the gradient comes from the graph of the first chunk of directions
+    streams_gradient = True  # the gradient comes from the first chunk's call
 
     def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
         """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
@@ -123,7 +131,8 @@ class ExactEngine:
             pad = np.zeros(size - count, np.int32)
             arguments = (self.method, x, y, tf.constant(np.concatenate([inner_ids[first : first + count], pad])),
                          tf.constant(np.concatenate([o_ids[first : first + count], pad + channels.start])),
-                         tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), tf.constant(outs))
+                         tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), tf.constant(outs),
+                         tf.constant(first == 0))
             if first == 0:
                 diagonal, gradient, loss = (t.numpy() for t in self._chunk(*arguments))
             else:
@@ -138,7 +147,7 @@ class ExactEngine:
         """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
         started = time.perf_counter()
-        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1))[0].numpy()
+        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
         return time.perf_counter() - started
 
 def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:
