@@ -82,6 +82,11 @@ def softsign(x):
     return x / (1 + tf.abs(x))
 
 
+def window_maxima(x: tf.Tensor, pool: tuple, strides: tuple, padding: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """2-D max pooling of ``x`` and each window's argmax as a flat index into ``x`` (the first one on ties)."""
+    return tf.nn.max_pool_with_argmax(x, [1, *pool, 1], [1, *strides, 1], padding.upper(), include_batch_in_index=True)
+
+
 def _max_pool_by_gather(layer: keras.layers.Layer) -> Callable:
     """Max pooling as a gather of the input at each window's argmax (indices held constant): the same values.
 
@@ -95,9 +100,8 @@ def _max_pool_by_gather(layer: keras.layers.Layer) -> Callable:
         if layer.data_format != "channels_last":
             return original(layer, inputs, *args, **kwargs)
         x = inputs[:, None] if one_d else inputs
-        (ph, pw), (sh, sw) = ((1, *layer.pool_size), (1, *layer.strides)) if one_d else (layer.pool_size, layer.strides)
-        _, argmax = tf.nn.max_pool_with_argmax(tf.stop_gradient(x), [1, ph, pw, 1], [1, sh, sw, 1], layer.padding.upper(),
-                                               include_batch_in_index=True)
+        pool, strides = ((1, *layer.pool_size), (1, *layer.strides)) if one_d else (layer.pool_size, layer.strides)
+        _, argmax = window_maxima(tf.stop_gradient(x), pool, strides, layer.padding)
         pooled = tf.gather(tf.reshape(x, [-1]), argmax)
         return pooled[:, 0] if one_d else pooled
 
@@ -272,8 +276,7 @@ def _max_pool_forward(layer, x):
 
     Tiling windows keep it as a 0/1 mask over the input (routing is then one broadcast product),
     others as flat argmax indices."""
-    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
-    y, argmax = tf.nn.max_pool_with_argmax(x, [1, ph, pw, 1], [1, sh, sw, 1], layer.padding.upper(), include_batch_in_index=True)
+    y, argmax = window_maxima(x, layer.pool_size, layer.strides, layer.padding)
     if _windows_tile(layer):
         size = tf.cast(tf.reshape(tf.size(x), [1]), tf.int64)
         hits = tf.scatter_nd(tf.reshape(argmax, (-1, 1)), tf.ones(tf.size(argmax), x.dtype), size)
@@ -299,19 +302,11 @@ def _pool_applies(layer) -> bool:
     return layer.data_format == "channels_last"
 
 
-def _avg_pool_forward(layer, x):
-    return layer(x, training=False), tf.shape(x)[1:]
-
-
 def _avg_pool_transpose(layer, input_shape, v, magnitude=False):
     (ph, pw), (sh, sw) = layer.pool_size, layer.strides
     return _merged(v, lambda g: tf.raw_ops.AvgPoolGrad(
         orig_input_shape=tf.concat([tf.shape(g)[:1], input_shape], 0), grad=g, ksize=[1, ph, pw, 1],
         strides=[1, sh, sw, 1], padding=layer.padding.upper()))
-
-
-def _global_avg_forward(layer, x):
-    return layer(x, training=False), tf.shape(x)[1:]
 
 
 def _global_avg_transpose(layer, input_shape, v, magnitude=False):
@@ -321,6 +316,7 @@ def _global_avg_transpose(layer, input_shape, v, magnitude=False):
 
 
 def _shape_forward(layer, x):
+    """The layer's output, keeping its input's shape (per example) for the transpose."""
     return layer(x, training=False), tf.shape(x)[1:]
 
 
@@ -328,7 +324,8 @@ def _reshape_transpose(layer, input_shape, v, magnitude=False):
     return tf.reshape(v, tf.concat([tf.shape(v)[:2], input_shape], 0))
 
 
-def _identity_forward(layer, x):
+def _plain_forward(layer, x):
+    """The layer's output, keeping nothing: its transpose needs no state (identities, sums of inputs)."""
     return layer(x, training=False), None
 
 
@@ -347,10 +344,6 @@ def _batch_norm_applies(layer) -> bool:
 
 def _scale_transpose(layer, scale, v, magnitude=False):
     return v * _weights(scale, magnitude)
-
-
-def _merge_forward(layer, inputs):
-    return layer(inputs, training=False), None
 
 
 def _same_shapes(layer) -> bool:
@@ -379,7 +372,7 @@ def _concatenate_transpose(layer, sizes, v, magnitude=False):
     return tf.split(v, tf.stack(sizes), axis=layer.axis if layer.axis < 0 else layer.axis + 1, num=len(sizes))
 
 
-IDENTITY_RULE = TransposeRule(_identity_forward, _identity_transpose)
+IDENTITY_RULE = TransposeRule(_plain_forward, _identity_transpose)
 # Merge layers: ``forward`` takes the list of inputs, ``transpose`` returns one cotangent per input.
 TRANSPOSE_RULES: dict[type, TransposeRule] = {
     _L.Dense: TransposeRule(_dense_forward, _dense_transpose, activation_has_transpose_rule),
@@ -387,15 +380,15 @@ TRANSPOSE_RULES: dict[type, TransposeRule] = {
     _L.Activation: TransposeRule(_activation_forward, _mask_transpose, activation_has_transpose_rule),
     _L.ReLU: TransposeRule(_relu_forward, _mask_transpose, _relu_applies),
     _L.MaxPooling2D: TransposeRule(_max_pool_forward, _max_pool_transpose, _pool_applies),
-    _L.AveragePooling2D: TransposeRule(_avg_pool_forward, _avg_pool_transpose, _pool_applies),
-    _L.GlobalAveragePooling2D: TransposeRule(_global_avg_forward, _global_avg_transpose,
+    _L.AveragePooling2D: TransposeRule(_shape_forward, _avg_pool_transpose, _pool_applies),
+    _L.GlobalAveragePooling2D: TransposeRule(_shape_forward, _global_avg_transpose,
                                              lambda layer: _pool_applies(layer) and not layer.keepdims),
     _L.Flatten: TransposeRule(_shape_forward, _reshape_transpose),
     _L.Reshape: TransposeRule(_shape_forward, _reshape_transpose),
     _L.BatchNormalization: TransposeRule(_batch_norm_forward, _scale_transpose, _batch_norm_applies),
-    _L.Add: TransposeRule(_merge_forward, _add_transpose, _same_shapes),
-    _L.Subtract: TransposeRule(_merge_forward, _subtract_transpose, _same_shapes),
-    _L.Average: TransposeRule(_merge_forward, _average_transpose, _same_shapes),
+    _L.Add: TransposeRule(_plain_forward, _add_transpose, _same_shapes),
+    _L.Subtract: TransposeRule(_plain_forward, _subtract_transpose, _same_shapes),
+    _L.Average: TransposeRule(_plain_forward, _average_transpose, _same_shapes),
     _L.Concatenate: TransposeRule(_concatenate_forward, _concatenate_transpose,
                                   lambda layer: layer.axis % len(layer.output.shape) != 0),
     **{kind: IDENTITY_RULE for kind in (_L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D, _L.GaussianDropout,
