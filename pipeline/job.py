@@ -153,9 +153,17 @@ class Job:
         }
 
     def _second_order_facts(self) -> dict:
-        """Which second-order rules the engine evaluates through, and which layers were audited at load."""
+        """Which second-order rules the engine evaluates through, which layers were audited at load, and
+        whether the exact engine's products are compiled by XLA (else which layers keep them a graph)."""
         check = self.curvature.second_order
-        return {} if check is None else {"second_order_rules": list(check.rules), "audited_layers": list(check.audited)}
+        if check is None:
+            return {}
+        facts = {"second_order_rules": list(check.rules), "audited_layers": list(check.audited)}
+        compiler = getattr(self.curvature.engine, "compiler", None)
+        if compiler is not None:
+            facts["hvp_compiler"] = compiler
+            facts["not_xla_verified"] = list(check.not_xla_verified)
+        return facts
 
     def _estimator_facts(self) -> dict:
         """Sample count of a stochastic engine; each shard's manifest entry adds its largest standard error."""

@@ -110,7 +110,9 @@ def role_ours(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     results = []
     seconds = timed(lambda: results.append(curvature.compute([(x, y)])), warm_up)
     np.save(out, results[-1].hessian_diagonal)
-    record = {"seconds": seconds, "method": getattr(curvature.engine, "column_method", getattr(curvature.engine, "method", ""))}
+    engine = curvature.engine
+    method = getattr(engine, "column_method", getattr(engine, "method", ""))
+    record = {"seconds": seconds, "method": f"{method}, {engine.compiler}" if hasattr(engine, "compiler") else method}
     if engine == "factored":
         record.update(flops=column_flops(curvature, batch), gemm=max(rate_before, gemm_rate()))
     return record

@@ -47,6 +47,7 @@ def test_run_through_normalization_layers_passes_validation(normalized_run):
     assert attrs["validation"]["nonsmooth_samples"] == 0 and attrs["validation"]["max_rel_error_hessian_diagonal"] < 1e-4
     rules = " ".join(attrs["second_order_rules"])
     assert "group_normalization" in rules and "layer_normalization" in rules and "softsign" in rules
+    assert attrs["hvp_compiler"] == "xla" and attrs["not_xla_verified"] == []
 
 
 def test_validation_fails_a_chunk_scaled_by_one_percent(normalized_run, capsys):

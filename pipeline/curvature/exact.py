@@ -11,10 +11,15 @@ of the S x S block B[n, o] of H_z within channel o. Then
 H_W[p, o] = sum_n sum_{s, s'} P[n, s, p] B[n, o, s, s'] P[n, s', p]. It costs S x O
 HVPs instead of F x O (F = entries per channel), so each layer takes whichever is
 fewer: Dense kernels (S = 1) need one HVP per output unit.
+
+Where every layer after the target passes the second-derivative audit compiled by XLA
+too, the chunks are compiled by XLA (about 2x faster on small suffixes, where the
+graph executor's per-op cost dominates); a compilation XLA refuses falls back to the graph.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -23,6 +28,7 @@ import tensorflow as tf
 from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.problem import Problem
 
+log = logging.getLogger(__name__)
 
 def entry_curvatures(problem: Problem, x, y, p_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
     """Sum over the batch of H_W[j, j] for the entries j = (p_ids[k], o_ids[k])."""
@@ -97,20 +103,39 @@ def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor
 
 
 class ExactEngine:
-    """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method."""
+    """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method.
+
+    ``jit_compile``: compile the chunks by XLA (only where the suffix passes the audit that way).
+    """
 
     name = "exact"
 
-    def __init__(self, problem: Problem, chunk_size: int = 128):
+    def __init__(self, problem: Problem, chunk_size: int = 128, jit_compile: bool = False):
         self.problem = problem
         self.chunk_size = chunk_size
         target = problem.target
         self.features = int(np.prod(target.shape[:-1]))
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.method = "block" if self.positions < self.features else "entry"
+        self._compile(jit_compile)
+
+    def _compile(self, jit_compile: bool) -> None:
+        problem = self.problem
+        self.compiler = "xla" if jit_compile else "graph"
         self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width, with_gradient: (
             chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
-            *gradient_if(with_gradient, problem, x, y, start, width)))
+            *gradient_if(with_gradient, problem, x, y, start, width)), jit_compile=jit_compile)
+
+    def _run_chunk(self, *arguments) -> tuple:
+        try:
+            return self._chunk(*arguments)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
+            if self.compiler != "xla" or "XLA" not in str(exc):
+                raise
+            log.warning("XLA cannot compile the exact engine's products here; running them as a graph: %s",
+                        str(exc).splitlines()[0][:200])
+            self._compile(False)
+            return self._chunk(*arguments)
 
     streams_gradient = True  # the gradient comes from the first chunk's call
 
@@ -134,9 +159,9 @@ class ExactEngine:
                          tf.constant(np.arange(size) < count, tf.float32), tf.constant(channels.start), tf.constant(outs),
                          tf.constant(first == 0))
             if first == 0:
-                diagonal, gradient, loss = (t.numpy() for t in self._chunk(*arguments))
+                diagonal, gradient, loss = (t.numpy() for t in self._run_chunk(*arguments))
             else:
-                diagonal = diagonal + self._chunk(*arguments)[0].numpy()
+                diagonal = diagonal + self._run_chunk(*arguments)[0].numpy()
         return gradient, diagonal, float(loss)
 
     def directions(self, channels: slice) -> int:
@@ -147,7 +172,7 @@ class ExactEngine:
         """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
         ids = tf.zeros([self.chunk_size], tf.int32)
         started = time.perf_counter()
-        self._chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
+        self._run_chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
         return time.perf_counter() - started
 
 def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:

@@ -101,7 +101,7 @@ class LayerCurvature:
         self.second_order = check_second_order(self.target) if self.choice.name in SECOND_ORDER_ENGINES else None
         self.problem = Problem(self.target, self.loss, rule_layers(self.target))
         if self.choice.name == "exact":
-            self.engine = ExactEngine(self.problem, chunk_size)
+            self.engine = ExactEngine(self.problem, chunk_size, jit_compile=self.second_order.xla)
         elif self.choice.name == "factored":
             self.engine = FactoredEngine(self.problem, check.peel_softmax, column_chunk)
         elif self.choice.name == "monte_carlo":

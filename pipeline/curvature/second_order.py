@@ -5,7 +5,8 @@ suffix twice. Every Keras layer type and activation there must be verified by
 the audit table (``audit_table.json``, with its rule where it needs one). A
 layer type or activation function the table does not know (a custom layer) is
 audited on the spot, on a float64 copy of that very layer. Anything that fails
-is refused before any compute, naming the layer.
+is refused before any compute, naming the layer. Where every layer and activation
+also passes with the products compiled by XLA, the exact engine compiles them so.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class SecondOrderCheck:
     rule_layers: tuple[keras.layers.Layer, ...]
     rules: tuple[str, ...]
     audited: tuple[str, ...]
+    not_xla_verified: tuple[str, ...] = ()  # layers and activations whose XLA-compiled products failed the audit
+
+    @property
+    def xla(self) -> bool:
+        """True when Hessian-vector products through the suffix may be compiled by XLA."""
+        return not self.not_xla_verified
 
 
 def rule_layers(target: Target) -> tuple[keras.layers.Layer, ...]:
@@ -91,32 +98,38 @@ def _refuse(layer, what: str, result: AuditResult) -> None:
     )
 
 
+def _verify(entry: dict | None, key: str, audit, refuse, audited: list[str]) -> bool:
+    """Refuse unless the table ``entry`` (or, without one, ``audit()`` on the spot) verifies the second
+    derivatives; return whether they are verified compiled by XLA too."""
+    if entry is None:
+        result = audit()
+        audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
+        if not result.passed:
+            refuse(result)
+        return result.xla["passed"]
+    if not entry["verified"]:
+        refuse(AuditResult(key, False, float("inf"), 0, "failed the audit"))
+    return entry["xla_verified"]
+
+
 def check_second_order(target: Target) -> SecondOrderCheck:
     """Verify every layer and activation after the target; raise BadInputError naming the first that fails."""
     table = _table()
     layers = rule_layers(target)
-    audited = []
+    audited, not_xla = [], []
     for layer in layers:
         if layer is not target.layer:
-            entry = table["layers"].get(type(layer).__name__) if _is_keras_class(layer) else None
-            if entry is None:
-                result = audit_layer_instance(layer)
-                audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
-                if not result.passed:
-                    _refuse(layer, "this layer", result)
-            elif not entry["verified"]:
-                _refuse(layer, "this layer type", AuditResult(type(layer).__name__, False, float("inf"), 0, "failed the audit"))
+            key = type(layer).__name__
+            entry = table["layers"].get(key) if _is_keras_class(layer) else None
+            what = "this layer" if entry is None else "this layer type"
+            if not _verify(entry, key, lambda: audit_layer_instance(layer), lambda r: _refuse(layer, what, r), audited):
+                not_xla.append(f"{layer.name} ({key})")
         name = activation_name(layer)
         if name is None:
             continue
         entry = table["activations"].get(name) if is_keras_activation(name, layer.activation) else None
-        if entry is None:
-            result = audit_activation(name, layer.activation)
-            audited.append(f"{result.label}: max rel. error {result.max_rel_error:.1e}")
-            if not result.passed:
-                _refuse(layer, f"activation {name!r}", result)
-        elif not entry["verified"]:
-            _refuse(layer, f"activation {name!r}", AuditResult(name, False, float("inf"), 0, "failed the audit"))
+        if not _verify(entry, name, lambda: audit_activation(name, layer.activation),
+                       lambda r: _refuse(layer, f"activation {name!r}", r), audited):
+            not_xla.append(f"{layer.name}: activation {name!r}")
     rules = tuple(f"{layer.name}: {rule}" for layer in layers if (rule := rule_for(layer)))
-    return SecondOrderCheck(rule_layers=layers, rules=rules, audited=tuple(audited))
-
+    return SecondOrderCheck(rule_layers=layers, rules=rules, audited=tuple(audited), not_xla_verified=tuple(not_xla))

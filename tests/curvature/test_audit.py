@@ -43,7 +43,8 @@ def test_table_matches_a_fresh_audit_and_the_readme():
         assert list(stored[section]) == list(fresh[section])
         for key, entry in fresh[section].items():
             mine = stored[section][key]
-            summary = lambda e: (e["rule"], e["autodiff_exact"], e["verified"], [c["with_rule"]["passed"] for c in e["cases"]])  # noqa: E731
+            summary = lambda e: (e["rule"], e["autodiff_exact"], e["verified"], e["xla_verified"],  # noqa: E731
+                                 [(c["with_rule"]["passed"], (c["with_rule"]["xla"] or {}).get("passed")) for c in e["cases"]])
             assert summary(mine) == summary(entry), f"{section}/{key} is stale: run scripts/gen_audit_table.py"
     readme = README.read_text()
     assert render_markdown(stored) in readme, "README's audit table is stale: run scripts/gen_audit_table.py"
@@ -60,6 +61,12 @@ def test_audit_finds_the_known_autodiff_errors_and_each_rule_fixes_them():
     pooling = {c["label"]: c for c in table["layers"]["MaxPooling2D"]["cases"]}
     overlapping = pooling["MaxPooling2D(2, strides 1, same)"]
     assert not overlapping["autodiff"]["passed"] and overlapping["with_rule"]["passed"]
+    # compiled by XLA: the rules hold too, except the max-pool rule, which XLA cannot compile
+    for section, key in (("layers", "LayerNormalization"), ("layers", "GroupNormalization"), ("layers", "Dense"),
+                         ("layers", "MultiHeadAttention"), ("activations", "softsign"), ("activations", "gelu")):
+        assert table[section][key]["xla_verified"], key
+    assert not table["layers"]["MaxPooling2D"]["xla_verified"]
+    assert "MaxPoolWithArgmax" in overlapping["with_rule"]["xla"]["detail"]
 
 
 def test_audit_function_against_an_analytic_hessian():
@@ -69,6 +76,7 @@ def test_audit_function_against_an_analytic_hessian():
     # and must reject a function whose autodiff drops a second-order term
     wrong = audit_function(lambda xs: xs[0] * tf.stop_gradient(xs[0]) ** 2, [(4,)], "stop_gradient")
     assert not wrong.passed and wrong.max_rel_error > 0.1
+    assert result.xla["passed"] and not wrong.xla["passed"] and wrong.xla["max_rel_error"] > 0.1
 
 
 def test_custom_layer_failing_the_audit_is_refused_naming_it():

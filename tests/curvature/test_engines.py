@@ -1,9 +1,12 @@
 """Engine choice, refusal of inexact engines, and the Hutchinson estimator's convergence."""
 
+import logging
+
 import numpy as np
 import pytest
 
 from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
+from pipeline.curvature.exact import ExactEngine
 from pipeline.errors import BadInputError
 from tests.curvature.cases import CASE_IDS, CASES, value_reference
 
@@ -113,3 +116,32 @@ def test_layer_derivatives_reuses_its_compiled_state():
     assert cached_curvature(model, case.layer, loss=case.loss, engine="exact") is first
     assert cached_curvature(model, case.layer, loss=case.loss, engine="hutchinson") is not first
     assert cached_curvature(case.model(), case.layer, loss=case.loss, engine="exact") is not first  # another model
+
+
+def test_exact_engine_is_compiled_by_xla_only_where_the_audit_verifies_it():
+    case = _case("layernorm")  # its LayerNormalization rule passes the audit compiled by XLA
+    model, (x, y) = case.model(), case.data()
+    runs = []
+    for _ in range(2):  # each compiles anew: the results must still be bit-identical (resumed and retried work)
+        smooth = LayerCurvature(model, "target", loss=case.loss, engine="exact")
+        assert smooth.second_order.not_xla_verified == () and smooth.engine.compiler == "xla"
+        runs.append(smooth.compute(batches_of(x, y, 4)))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    pooled = LayerCurvature(_case("cnn_gelu").model(), "target", loss="categorical_crossentropy", from_logits=True, engine="exact")
+    assert pooled.engine.compiler == "graph"
+    (blocker,) = pooled.second_order.not_xla_verified
+    assert blocker.endswith("(MaxPooling2D)")
+
+
+def test_exact_engine_runs_as_a_graph_where_xla_cannot_compile(caplog):
+    case = _case("cnn_gelu")  # its max pool's second-order rule has no XLA kernel
+    x, y = case.data()
+    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=True, engine="exact")
+    graph = curvature.engine.batch_derivatives(x, y, slice(0, 4))
+    forced = ExactEngine(curvature.problem, jit_compile=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.curvature.exact"):
+        fallen_back = forced.batch_derivatives(x, y, slice(0, 4))
+    assert forced.compiler == "graph" and "XLA cannot compile" in caplog.text
+    for a, b in zip(fallen_back, graph):
+        np.testing.assert_array_equal(a, b)

@@ -33,8 +33,16 @@ def test_factored_engine_matches_loss_value_differences_on_piecewise_linear_suff
     assert_close(result.hessian_diagonal, diag_ref, 1e-5, f"{case.name} hessian diagonal", smooth)
 
 
+# Slicing is engine logic, not layer logic: one case per engine path (exact by XLA and as a graph, conv and
+# dense targets; factored dense and sparse products, transpose rules over branches and strides).
+SLICED_CASES = ("mlp_tanh", "layernorm", "cnn_gelu", "cnn_maxpool_relu", "cnn_70_classes", "merge_zoo", "residual_relu",
+                "transpose_zoo", "strided_valid", "mlp_relu")
+
+
 def test_channel_slice_equals_slice_of_full_result(case_with_reference):
     case, model, x, y, (grad_ref, diag_ref, smooth) = case_with_reference
+    if case.name not in SLICED_CASES:
+        pytest.skip("channel slicing is tested on one case per engine path")
     result = layer_derivatives(
         model, case.layer, x, y, loss=case.loss, from_logits=case.from_logits, out_channels=slice(1, 3), engine="auto"
     )
