@@ -52,11 +52,20 @@ class Loss:
         log_probs = tf.nn.log_softmax(output) if self.from_logits else tf.math.log(output)
         return -tf.reduce_sum(targets * log_probs, axis=1)
 
+    def factor_width(self, outputs: int) -> int:
+        """Columns of ``hessian_factor`` for a model with ``outputs`` outputs: C - 1 for cross-entropy (rank C - 1)."""
+        return outputs - 1 if self.is_cross_entropy and outputs > 1 else outputs
+
     def hessian_factor(self, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """S with S Sᵀ = d²l/d(logits)², shape (N, C, C).
+        """S with S Sᵀ = d²l/d(logits)², shape (N, C, ``factor_width(C)``).
 
         For cross-entropy the argument must be logits (the engine peels a final
-        softmax first); for MSE it is the model output.
+        softmax first); for MSE it is the model output. The cross-entropy Hessian
+        diag(p) - p pᵀ has rank C - 1: its symmetric factor D = diag(√p) - p √pᵀ
+        has D √p = 0, so a Householder reflection R taking the last unit vector
+        to -√p makes the last column of D R zero, and the other C - 1 columns,
+        d_j - d_C √p_j / (1 + √p_C), are an exact factor: one back-propagated
+        column fewer.
         """
         logits = _flatten(logits)
         classes = int(logits.shape[-1])
@@ -67,6 +76,9 @@ class Loss:
         label_mass = tf.reduce_sum(self.targets(y, logits), axis=1)[:, None, None]
         root = tf.sqrt(probs)
         factor = tf.linalg.diag(root) - probs[:, :, None] * root[:, None, :]
+        if classes > 1:
+            last = factor[:, :, -1:]
+            factor = factor[:, :, :-1] - last * (root[:, None, :-1] / (1 + root[:, None, -1:]))
         return tf.sqrt(label_mass) * factor
 
     def sampled_factor(self, logits: tf.Tensor, y: tf.Tensor, samples: int, seed: int) -> tf.Tensor:

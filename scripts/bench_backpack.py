@@ -87,7 +87,7 @@ def column_flops(curvature, batch: int) -> float:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             positions = int(np.prod(layer.output.shape[1:-1]))
             total += 2 * positions * int(np.prod(layer.kernel.shape))
-    return total * curvature.engine.classes * batch
+    return total * curvature.engine.factor_width * batch
 
 
 def timed(fn, warm_up: bool) -> float:

@@ -97,9 +97,9 @@ class FactoredEngine:
     def __init__(self, problem: Problem, peel_softmax: bool, column_chunk: int = 16, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.problem = problem
         target = problem.target
-        self.classes = int(np.prod(target.model.outputs[0].shape[1:]))
+        self.factor_width = problem.loss.factor_width(int(np.prod(target.model.outputs[0].shape[1:])))
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
-        self.column_chunk = min(column_chunk, self.classes)
+        self.column_chunk = min(column_chunk, self.factor_width + 1)  # the loss gradient rides as one more column
         self.memory_budget = memory_budget
         graph = rule_graph(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
         self.column_method = "autodiff" if graph is None else "rules"
@@ -110,7 +110,7 @@ class FactoredEngine:
             self._backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, graph, state, ids, start, stop))
             self._support = tf.function(lambda state, start, stop: rule_support(problem, graph, state, start, stop))
         self._patches = tf.function(target.input_patches)
-        self.sparse = self.classes >= SPARSE_MIN_CLASSES
+        self.sparse = self.factor_width >= SPARSE_MIN_CLASSES
         self._products = tf.function(support_products if self.sparse else dense_products)
         self._dense = tf.function(dense_products, reduce_retracing=True)
         self._gram_update = tf.function(gram_update, reduce_retracing=True)
@@ -129,9 +129,9 @@ class FactoredEngine:
         positions, features = self.positions, int(np.prod(self.problem.target.shape[:-1]))
         width = channels.stop - channels.start
         if self.column_method == "autodiff":
-            per_example, columns_at_once = 2 * 4 * self.classes * positions * width, self.classes
+            per_example, columns_at_once = 2 * 4 * self.factor_width * positions * width, self.factor_width
         else:
-            support = min(self.classes, positions)
+            support = min(self.factor_width, positions)
             per_example = 4 * width * (3 * self.column_chunk * positions + support * support)
             columns_at_once = self.column_chunk
         examples = max(1, self.memory_budget // per_example)
@@ -167,10 +167,12 @@ class FactoredEngine:
         gradient, diagonal, loss = sums
         return gradient, diagonal, float(loss)
 
-    def _column_ids(self):
-        """Chunks of column ids; ids past the end name the factor's zero column, which adds nothing."""
-        for c0 in range(0, self.classes, self.column_chunk):
-            yield tf.constant(np.minimum(np.arange(c0, c0 + self.column_chunk), self.classes), tf.int32)
+    def _column_ids(self, wanted: list[int]):
+        """``wanted`` column ids in chunks of ``column_chunk``, the last padded with the factor's zero column (id
+        ``factor_width``), which adds nothing; id ``factor_width + 1`` is the loss gradient."""
+        for c0 in range(0, len(wanted), self.column_chunk):
+            chunk = wanted[c0 : c0 + self.column_chunk]
+            yield tf.constant(chunk + [self.factor_width] * (self.column_chunk - len(chunk)), tf.int32)
 
     @staticmethod
     def _by_channels(products, out_channels: int, width: int) -> tf.Tensor:
@@ -178,24 +180,37 @@ class FactoredEngine:
 
     def _kept_columns_diagonal(self, x, y, channels: slice, width: int) -> tf.Tensor:
         bounds = tf.constant(channels.start), tf.constant(channels.stop)
-        columns = np.empty((self.classes, len(x), self.positions, channels.stop - channels.start), np.float32)
-        for ids in self._column_ids():
+        columns = np.empty((self.factor_width, len(x), self.positions, channels.stop - channels.start), np.float32)
+        for ids in self._column_ids(list(range(self.factor_width))):
             c0 = int(ids[0])
-            columns[c0 : c0 + self.column_chunk] = self._columns(x, y, ids, *bounds).numpy()[: self.classes - c0]
+            columns[c0 : c0 + self.column_chunk] = self._columns(x, y, ids, *bounds).numpy()[: self.factor_width - c0]
         patches = self._patches(x)
         return self._by_channels(lambda o, end: self._products(patches, columns[..., o:end]), columns.shape[-1], width)
 
     def _streamed_derivatives(self, x, y, channels: slice, width: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         bounds = tf.constant(channels.start), tf.constant(channels.stop)
         state, patches, loss = self._forward(x, y)
-        gradient = self._gradient(patches, self._backward(state, tf.constant([self.classes + 1]), *bounds))
-        return gradient, self._streamed_diagonal(state, patches, bounds, channels.stop - channels.start, width), loss
+        gradient = []
 
-    def _streamed_diagonal(self, state, patches, bounds, out_channels: int, width: int) -> tf.Tensor:
-        column_chunks = (self._backward(state, ids, *bounds) for ids in self._column_ids())
+        def factor_chunks():
+            """Chunks of back-propagated factor columns; the gradient column, which rides in the last, goes to
+            ``gradient``."""
+            for ids in self._column_ids([*range(self.factor_width), self.factor_width + 1]):
+                columns = self._backward(state, ids, *bounds)
+                at = np.flatnonzero(ids.numpy() == self.factor_width + 1)
+                if at.size:
+                    gradient.append(self._gradient(patches, columns[int(at[0]) :]))
+                    columns = columns[: int(at[0])]
+                if columns.shape[0]:
+                    yield columns
+
+        diagonal = self._streamed_diagonal(state, patches, bounds, channels.stop - channels.start, width, factor_chunks())
+        return gradient[0], diagonal, loss
+
+    def _streamed_diagonal(self, state, patches, bounds, out_channels: int, width: int, column_chunks) -> tf.Tensor:
         if self.sparse:
             positions = self._support(state, *bounds)
-            if positions.shape[-1] < self.classes:
+            if positions.shape[-1] < self.factor_width:
                 gram = tf.zeros((*positions.shape, positions.shape[-1]), tf.float32)
                 for columns in column_chunks:
                     gram, outside = self._gram_update(gram, columns, positions)

@@ -10,6 +10,7 @@ from pipeline.curvature.columns import (factor_columns, rule_columns, rule_forwa
                                         support_positions)
 from pipeline.curvature.factored import SPARSE_MIN_CLASSES, dense_products, gram_products, gram_update, support_products
 from pipeline.curvature.suffix import check_suffix
+from pipeline.losses import get_loss
 from tests.curvature.cases import CASES
 
 
@@ -32,6 +33,24 @@ def test_sparse_gram_and_direct_paths_equal_dense_sums_of_squares():
             np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["sparse_categorical_crossentropy", "categorical_crossentropy"])
+def test_cross_entropy_factor_has_c_minus_one_columns_and_the_analytic_hessian(name):
+    rng = np.random.default_rng(0)
+    classes = 6
+    logits = rng.normal(size=(5, classes)) * 3
+    logits[0] = [40.0, 0, 0, 0, 0, 0]  # probability ~1 on the first class
+    logits[1] = [0, 0, 0, 0, 0, 40.0]  # ... and on the last, the reflection's pivot
+    y = rng.integers(0, classes, 5) if name.startswith("sparse") else rng.dirichlet(np.ones(classes), 5) * 1.5
+    loss = get_loss(name, from_logits=True)
+    factor = loss.hessian_factor(tf.constant(logits), tf.constant(y)).numpy()
+    assert factor.shape == (5, classes, loss.factor_width(classes)) == (5, classes, classes - 1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    mass = np.ones(5) if name.startswith("sparse") else y.sum(1)
+    hessian = mass[:, None, None] * (np.einsum("nc,cd->ncd", p, np.eye(classes)) - p[:, :, None] * p[:, None, :])
+    np.testing.assert_allclose(np.einsum("nck,ndk->ncd", factor, factor), hessian, rtol=0, atol=1e-14)
+
+
 def test_all_zero_columns_give_zero():
     patches = tf.ones((2, 5, 3))
     columns = tf.zeros((SPARSE_MIN_CLASSES, 2, 5, 4))
@@ -52,7 +71,7 @@ def test_transpose_rules_give_the_autodiff_columns(case):
     assert graph is not None and engine.column_method == "rules", case.name
     x, y = case.data(n=3)
     x, y = tf.constant(x), tf.constant(y)
-    ids = tf.range(engine.classes + 1)
+    ids = tf.range(engine.factor_width + 1)
     channels = (1, problem.target.out_channels)
     expected = factor_columns(problem, x, y, ids, *channels, peel).numpy()
     got = rule_columns(problem, graph, x, y, ids, *channels, peel).numpy()
