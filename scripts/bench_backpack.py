@@ -77,7 +77,7 @@ def gemm_rate() -> float:
 
 
 def column_flops(curvature, batch: int) -> float:
-    """FLOPs of back-propagating every factor column through the suffix's convolutions and dense layers."""
+    """FLOPs of back-propagating every factor column, and the loss gradient, through the suffix's convolutions and dense layers."""
     import keras
 
     from pipeline.curvature.suffix import suffix_layers
@@ -87,7 +87,7 @@ def column_flops(curvature, batch: int) -> float:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             positions = int(np.prod(layer.output.shape[1:-1]))
             total += 2 * positions * int(np.prod(layer.kernel.shape))
-    return total * curvature.engine.factor_width * batch
+    return total * (curvature.engine.factor_width + 1) * batch  # the factor's columns and the gradient column
 
 
 def timed(fn, warm_up: bool) -> float:
@@ -110,9 +110,9 @@ def role_ours(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     results = []
     seconds = timed(lambda: results.append(curvature.compute([(x, y)])), warm_up)
     np.save(out, results[-1].hessian_diagonal)
-    engine = curvature.engine
-    method = getattr(engine, "column_method", getattr(engine, "method", ""))
-    record = {"seconds": seconds, "method": f"{method}, {engine.compiler}" if hasattr(engine, "compiler") else method}
+    chosen = curvature.engine
+    method = getattr(chosen, "column_method", getattr(chosen, "method", ""))
+    record = {"seconds": seconds, "method": f"{method}, {chosen.compiler}" if hasattr(chosen, "compiler") else method}
     if engine == "factored":
         record.update(flops=column_flops(curvature, batch), gemm=max(rate_before, gemm_rate()))
     return record
