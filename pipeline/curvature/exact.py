@@ -30,6 +30,7 @@ from pipeline.curvature.problem import Problem
 
 log = logging.getLogger(__name__)
 
+
 def entry_curvatures(problem: Problem, x, y, p_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
     """Sum over the batch of H_W[j, j] for the entries j = (p_ids[k], o_ids[k])."""
     target = problem.target
