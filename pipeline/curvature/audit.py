@@ -124,13 +124,19 @@ def audit_function(fn: Callable[[list[tf.Tensor]], object], shapes: Sequence[tup
     except Exception as exc:  # noqa: BLE001 - any autodiff failure is the finding
         traced = exc
 
+    def run(jit_compile: bool) -> np.ndarray:
+        if isinstance(traced, Exception):
+            raise traced
+        if not jit_compile:
+            return traced(directions).numpy()
+        try:  # XLA compiles the very graph traced for the graph run ...
+            return tf.function(lambda v: traced(v), jit_compile=True)(directions).numpy()
+        except tf.errors.InvalidArgumentError:  # ... unless it needs constants the call hides: traced anew, as the engine does
+            return tf.function(products, jit_compile=True)(directions).numpy()
+
     def check(jit_compile: bool) -> tuple[bool, float, str]:
         try:
-            if isinstance(traced, Exception):
-                raise traced
-            # XLA compiles the very graph traced for the graph run
-            run = tf.function(lambda v: traced(v), jit_compile=True) if jit_compile else traced
-            found = run(directions).numpy()
+            found = run(jit_compile)
         except Exception as exc:  # noqa: BLE001 - any autodiff failure is the finding
             return False, math.inf, f"autodiff failed: {_failure(exc)}"
         error = float(np.abs(found[np.arange(len(rows)), rows] - reference)[smooth].max()) / scale
