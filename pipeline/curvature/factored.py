@@ -99,10 +99,11 @@ class FactoredEngine:
         target = problem.target
         self.factor_width = problem.loss.factor_width(int(np.prod(target.model.outputs[0].shape[1:])))
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
-        self.column_chunk = min(column_chunk, self.factor_width + 1)  # the loss gradient rides as one more column
         self.memory_budget = memory_budget
         graph = rule_graph(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
         self.column_method = "autodiff" if graph is None else "rules"
+        # through the rules the loss gradient rides as one more column
+        self.column_chunk = min(column_chunk, self.factor_width + (graph is not None))
         if graph is None:
             self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
         else:
@@ -190,17 +191,18 @@ class FactoredEngine:
     def _streamed_derivatives(self, x, y, channels: slice, width: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         bounds = tf.constant(channels.start), tf.constant(channels.stop)
         state, patches, loss = self._forward(x, y)
+        chunks = list(self._column_ids([*range(self.factor_width), self.factor_width + 1]))
+        at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
         gradient = []
 
         def factor_chunks():
             """Chunks of back-propagated factor columns; the gradient column, which rides in the last, goes to
             ``gradient``."""
-            for ids in self._column_ids([*range(self.factor_width), self.factor_width + 1]):
+            for index, ids in enumerate(chunks):
                 columns = self._backward(state, ids, *bounds)
-                at = np.flatnonzero(ids.numpy() == self.factor_width + 1)
-                if at.size:
-                    gradient.append(self._gradient(patches, columns[int(at[0]) :]))
-                    columns = columns[: int(at[0])]
+                if index == len(chunks) - 1:
+                    gradient.append(self._gradient(patches, columns[at:]))
+                    columns = columns[:at]
                 if columns.shape[0]:
                     yield columns
 
