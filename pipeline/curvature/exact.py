@@ -118,25 +118,27 @@ class ExactEngine:
         self.features = int(np.prod(target.shape[:-1]))
         self.positions = int(np.prod(target.layer.output.shape[1:-1]))
         self.method = "block" if self.positions < self.features else "entry"
-        self._compile(jit_compile)
-
-    def _compile(self, jit_compile: bool) -> None:
-        problem = self.problem
         self.compiler = "xla" if jit_compile else "graph"
-        self._chunk = tf.function(lambda method, x, y, inner, o, valid, start, width, with_gradient: (
+        # Traced outside any XLA context, so it holds the very ops the audit verifies; XLA compiles that graph.
+        self._graph = tf.function(lambda method, x, y, inner, o, valid, start, width, with_gradient: (
             chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
-            *gradient_if(with_gradient, problem, x, y, start, width)), jit_compile=jit_compile)
+            *gradient_if(with_gradient, problem, x, y, start, width)))
+        self._compiled = {}
 
     def _run_chunk(self, *arguments) -> tuple:
-        try:
-            return self._chunk(*arguments)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
-            if self.compiler != "xla" or "XLA" not in str(exc):
-                raise
-            log.warning("XLA cannot compile the exact engine's products here; running them as a graph: %s",
-                        str(exc).splitlines()[0][:200])
-            self._compile(False)
-            return self._chunk(*arguments)
+        if self.compiler == "xla":
+            traced = self._graph.get_concrete_function(*arguments)
+            if traced not in self._compiled:
+                self._compiled[traced] = tf.function(lambda *values: traced(*values), jit_compile=True)
+            try:
+                return self._compiled[traced](*arguments)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
+                if "XLA" not in str(exc):
+                    raise
+                log.warning("XLA cannot compile the exact engine's products here; running them as a graph: %s",
+                            str(exc).splitlines()[0][:200])
+                self.compiler = "graph"
+        return self._graph(*arguments)
 
     streams_gradient = True  # the gradient comes from the first chunk's call
 
