@@ -1,10 +1,10 @@
-"""hessdiag: exact gradients and Hessian diagonals of one large parameter tensor."""
+"""hessdiag: exact gradients and Hessian diagonals of a Keras model's weight tensors, one or the whole network."""
 
 __version__ = "0.1.0"
 
 
 def load_result(path: str, storage_options: dict | None = None):
-    """Arrays and metadata of a finished store; see ``pipeline.results.load_result``."""
+    """``"layer/weight"`` -> that tensor's arrays and attributes, of a finished store; see ``pipeline.results``."""
     from pipeline.results import load_result as _load
 
     return _load(path, storage_options)

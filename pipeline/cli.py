@@ -16,8 +16,8 @@ from rich.table import Table
 from pipeline.errors import BadInputError, HessdiagError, Interrupted
 from pipeline.ray_auth import use_available_token
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of one parameter tensor.")
-console = Console(soft_wrap=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of a Keras model's weight tensors.")
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 SET_HELP = "override a config key, e.g. --set compute.shard_size=16 (repeatable)"
 OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'"
 
@@ -35,18 +35,62 @@ def _storage_options(raw: Optional[str]) -> dict:
 
 
 def _validation_table(validation: dict) -> Table:
-    table = Table(title="validation against float64 finite differences")
-    for column in ("samples", "max rel error (gradient)", "max rel error (diagonal)", "rtol", "passed"):
+    """One row per tensor: samples (unresolved ones noted), worst relative errors, whether it passed."""
+    table = Table(title="validation against float64 references from loss values")
+    for column in ("tensor", "reference", "samples", "max rel error (gradient)", "max rel error (diagonal)", "passed"):
         table.add_column(column)
-    kinks = validation.get("nonsmooth_samples", 0)
-    table.add_row(
-        f"{validation.get('samples')}" + (f" ({kinks} at kinks, not counted)" if kinks else ""),
-        f"{validation.get('max_rel_error_gradient', float('nan')):.2e}",
-        f"{validation.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
-        f"{validation.get('rtol')}",
-        "[green]yes" if validation.get("passed") else "[red]NO",
-    )
+    for name, result in (validation.get("tensors") or {}).items():
+        kinks = result.get("nonsmooth_samples", 0)
+        spot = result.get("spot_check")
+        table.add_row(
+            name, result.get("reference", ""),
+            f"{result.get('samples')}" + (f" ({kinks} unresolved)" if kinks else "") + (f" + {spot['entries']} exact" if spot else ""),
+            f"{result.get('max_rel_error_gradient', float('nan')):.2e}",
+            f"{result.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
+            "[green]yes" if result.get("passed") else "[red]NO",
+        )
+    table.caption = (f"{validation.get('samples')} samples in all, rtol {validation.get('rtol')}:"
+                     f" {'passed' if validation.get('passed') else 'FAILED'}")
     return table
+
+
+def _dry_run(cfg) -> None:
+    """Print the plan: each tensor's engine and predicted cost, the units, the predicted wall time for 1 to 64 workers."""
+    from pipeline.coordinator import resolve_example_block
+    from pipeline.job import Job
+    from pipeline.plan import predicted_wall_seconds, unit_seconds
+    from pipeline.progress import RunProgress
+
+    job = Job.load(cfg)
+    block, calibration = resolve_example_block(cfg, job, RunProgress.plain_log)
+    calibration = calibration or job.calibrate()
+    plan = job.plan(block)
+    per_example = calibration["seconds_per_example"]
+    compute = sum(unit_seconds(plan, unit, per_example) for unit in plan.units)
+    console.print(f"plan: {job.model.name}, {len(plan.tensors)} tensor(s), {plan.entries:,} entries; {len(plan.units)} units"
+                  f" of at most {plan.example_block} examples ({plan.examples} examples, batches of {cfg.data.batch_size});"
+                  f" stored in shards of {plan.shard_size} channels")
+    tensors = Table(title="tensors")
+    for column in ("tensor", "shape", "entries", "engine", "why", "predicted compute s"):
+        tensors.add_column(column)
+    for index, tensor in enumerate(plan.tensors):
+        choice = job.curvature.choices[tensor.name]
+        cost = "shared pass" if tensor.shared else f"{per_example[tensor.name] * plan.examples:,.1f}"
+        tensors.add_row(tensor.name, str(tensor.shape), f"{tensor.entries:,}", choice.name, choice.reason, cost)
+    console.print(tensors)
+    if plan.shared:
+        console.print(f"shared pass ({len(plan.shared)} tensors, {job.curvature.shared.column_method}):"
+                      f" {per_example['shared'] * plan.examples:,.1f} s predicted")
+    console.print(f"partial sums {max(plan.unit_result_bytes(u) for u in plan.units) / 2**20:.2f} MiB per unit in flight at most;"
+                  f" calibration timed on {calibration['examples_timed']} example; predicted compute: {compute:,.0f} s in all")
+    table = Table(title="predicted wall time (units only; validation not included)")
+    table.add_column("workers")
+    table.add_column("wall seconds")
+    table.add_column("speed-up")
+    for workers in (1, 2, 4, 8, 16, 64):
+        wall = predicted_wall_seconds(plan, per_example, workers)
+        table.add_row(str(workers), f"{wall:,.0f}", f"{compute / wall:.2f}x" if wall else "-")
+    console.print(table)
 
 
 @app.command()
@@ -61,41 +105,14 @@ def run(
 
     cfg = load_config(config, set_)
     if dry_run:
-        from pipeline.coordinator import resolve_example_block
-        from pipeline.job import Job
-        from pipeline.plan import predicted_wall_seconds
-        from pipeline.progress import RunProgress
-
-        job = Job.load(cfg)
-        block, calibration = resolve_example_block(cfg, job, RunProgress.plain_log)
-        calibration = calibration or job.calibrate()
-        plan = job.plan(block)
-        per_example = calibration["seconds_per_example"]
-        compute = sum(unit.examples for unit in plan.units) * per_example
-        console.print(
-            f"plan: {job.model.name}/{cfg.target.layer} {plan.weight_shape} = {plan.entries:,} entries, engine"
-            f" {job.curvature.choice.name}: {job.curvature.choice.reason}\n"
-            f"units: {len(plan.units)} = {len(plan.groups)} channel group(s) of {plan.groups[0][1] - plan.groups[0][0]} channels"
-            f" x {plan.blocks} block(s) of {plan.example_block} examples ({plan.examples} examples, batches of {cfg.data.batch_size});"
-            f" stored as {len(plan.shards)} shards of {plan.shard_size} channels;"
-            f" partial sums {plan.unit_result_bytes(plan.units[0]) / 2**20:.2f} MiB per unit in flight\n"
-            f"calibration: {per_example:.3g} s per example per channel group (timed on {calibration['examples_timed']} example)\n"
-            f"predicted compute: {compute:,.0f} s in all"
-        )
-        table = Table(title="predicted wall time (units only; validation not included)")
-        table.add_column("workers")
-        table.add_column("wall seconds")
-        table.add_column("speed-up")
-        for workers in (1, 2, 4, 8, 16, 64):
-            wall = predicted_wall_seconds(plan, per_example, workers)
-            table.add_row(str(workers), f"{wall:,.0f}", f"{compute / wall:.2f}x" if wall else "-")
-        console.print(table)
+        _dry_run(cfg)
         return
     from pipeline.coordinator import run as run_config
 
     result = run_config(cfg, overwrite=overwrite)
+    engines = ", ".join(f"{e} x{list(result.engines.values()).count(e)}" for e in dict.fromkeys(result.engines.values()))
     console.print(
-        f"result: {result.output}  engine: {result.engine}  units computed: {len(result.computed)}, "
+        f"result: {result.output}  {len(result.engines)} tensor(s), engines: {engines}  units computed: {len(result.computed)}, "
         f"skipped (already done): {len(result.skipped)}, retries: {result.retries}, {result.seconds:.1f} s"
     )
     console.print(_validation_table(result.validation))
@@ -130,9 +147,16 @@ def status(
         return
     state = "complete" if info["complete"] else ("running" if info["running"] else "incomplete")
     console.print(f"[bold]{info['store']}[/bold]: {state}, {info['units_done']}/{info['units_total']} units done"
-                  f" ({info['channel_groups']} channel group(s) x blocks of {info['example_block']} examples),"
-                  f" {info['shards_done']}/{info['shards_total']} shards written")
-    console.print(f"target {info['target']} {tuple(info['weight_shape'])}, engine {info['engine']} ({info['engine_reason']})")
+                  f" (blocks of {info['example_block']} examples), {info['shards_done']}/{info['shards_total']} shards written")
+    tensors = Table(title=f"{info['model']}: {len(info['tensors'])} tensor(s)")
+    for column in ("tensor", "shape", "engine", "shards", "trace", "validated"):
+        tensors.add_column(column)
+    for tensor in info["tensors"]:
+        checked = tensor["validation"]
+        tensors.add_row(tensor["name"], str(tuple(tensor["shape"])), tensor["engine"] or "",
+                        f"{tensor['shards_done']}/{tensor['shards_total']}", "" if tensor["trace"] is None else f"{tensor['trace']:.4e}",
+                        "" if not checked.get("samples") else ("yes" if checked.get("passed") else "NO"))
+    console.print(tensors)
     if info["missing"] or info["corrupt"]:
         console.print(f"missing shards: {info['missing']}  corrupt shards: {info['corrupt']}")
     eta = f"{info['eta_seconds']:.0f} s" if info["eta_seconds"] is not None else "unknown"
@@ -162,10 +186,9 @@ def validate(
     plan = opened.plan
     _, corrupt, missing = opened.verify(plan)
     if corrupt or missing:
-        console.print(f"[red]store is incomplete or corrupt[/red]: missing shards {[s.index for s in missing]}, corrupt shards {[s.index for s in corrupt]}; rerun `hessdiag run` to recompute them")
+        console.print(f"[red]store is incomplete or corrupt[/red]: missing shards {[s.name for s in missing]}, corrupt shards {[s.name for s in corrupt]}; rerun `hessdiag run` to recompute them")
         raise typer.Exit(3)
     result = validate_store(job, opened, plan, job.config.validation, samples)
-    opened.update_attrs(validation=result)
     console.print(_validation_table(result))
     if not result["passed"]:
         raise typer.Exit(3)

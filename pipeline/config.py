@@ -41,10 +41,10 @@ class ModelConfig(_Section):
 
 
 class TargetConfig(_Section):
-    """The parameter tensor W."""
+    """One tensor (`target`, or each entry of `targets`); a glob over layer paths takes every layer it matches."""
 
-    layer: str = Field(..., description="Keras layer name, e.g. `block4_conv3`")
-    weight: str = Field("kernel", description="which weight of the layer")
+    layer: str = Field(..., description="layer name or nested path (`stem/stem_conv`, `mha/query`), or a glob over them (`block5_*`)")
+    weight: str = Field("kernel", description="which weight of the layer: `kernel`, `bias`, `depthwise_kernel`, `pointwise_kernel`, `gamma`, `beta`, `embeddings`")
 
 
 class DataConfig(_Section):
@@ -137,16 +137,33 @@ class Config(_Section):
     output: str = Field(..., description="path or fsspec URL (`s3://`, `gs://`, `file://`) of the Zarr store")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `output` (e.g. `endpoint_url`); secrets belong in the environment")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    target: TargetConfig
+    target: Optional[TargetConfig] = Field(None, description="one tensor: the same as `targets` with one entry")
+    targets: Union[Literal["all"], list[TargetConfig], None] = Field(
+        None, description="`all` (every kernel, bias and normalization weight of every layer the engines can target, in model"
+        " order) or a list of `{layer, weight}`")
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
+    @model_validator(mode="after")
+    def _one_target_key(self):
+        if (self.target is None) == (self.targets is None):
+            raise ValueError("give exactly one of `target` (one tensor) and `targets` (a list, or `all`)")
+        return self
+
+    def target_specs(self) -> list[tuple[str, str]] | str:
+        """``all``, or the (layer pattern, weight) pairs to differentiate."""
+        if self.targets == "all":
+            return "all"
+        chosen = [self.target] if self.target is not None else self.targets
+        return [(t.layer, t.weight) for t in chosen]
+
     def fingerprint(self) -> str:
         """sha256 of everything that changes the numbers (not where or how they run)."""
-        relevant = self.model_dump(include={"model", "target", "data", "loss", "compute"}, exclude={"data": {"storage_options"}})
+        relevant = self.model_dump(include={"model", "target", "targets", "data", "loss", "compute"},
+                                   exclude={"data": {"storage_options"}})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

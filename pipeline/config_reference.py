@@ -32,6 +32,17 @@ def _default(field) -> str:
     return "`null`" if field.default is None else f"`{field.default!r}`" if field.default is not PydanticUndefined else ""
 
 
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The section model inside an annotation (itself, or inside Optional, a Union or a list), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_model(argument)
+        if found is not None:
+            return found
+    return None
+
+
 def config_reference() -> str:
     """The whole reference as Markdown."""
     lines = ["# Config reference", "", "Generated from `pipeline/config.py` by `python scripts/gen_config_reference.py`; a test fails when it drifts.", ""]
@@ -40,8 +51,10 @@ def config_reference() -> str:
     sections = []
     for name, field in top:
         annotation = field.annotation
+        section = _section_model(annotation)
+        if section is not None and section not in [model for _, model in sections]:
+            sections.append((name, section))
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            sections.append((name, annotation))
             lines.append(f"| `{name}` | section | {_default(field)} | {annotation.__doc__.strip()} |")
         else:
             lines.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {field.description or ''} |")

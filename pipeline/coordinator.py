@@ -17,11 +17,12 @@ from pipeline.config import Config
 from pipeline.errors import BadInputError, Interrupted
 from pipeline.executors import make_executor
 from pipeline.job import Job
-from pipeline.plan import Plan, auto_example_block
+from pipeline.plan import Plan, auto_example_block, unit_seconds
 from pipeline.progress import RunProgress
-from pipeline.reduction import clean_group, fold_group, group_complete, unit_state
+from pipeline.reduction import chain_complete, clean_chain, fold_chain, unit_state
 from pipeline.stop_signals import install_stop_handlers, restore_handlers
 from pipeline.store import ResultStore, check_writable
+from pipeline.summary import tensor_summary
 from pipeline.validate import validate_store
 from pipeline.worker import configure_tensorflow
 
@@ -31,8 +32,7 @@ class RunResult:
     """What a run did and where the result is."""
 
     output: str
-    engine: str
-    engine_reason: str
+    engines: dict[str, str]
     computed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     recomputed_corrupt: list[int] = field(default_factory=list)
@@ -82,9 +82,11 @@ def resolve_example_block(config: Config, job: Job, log: Callable[[str], None], 
     if config.compute.example_block != "auto":
         return int(config.compute.example_block), None
     calibration = job.calibrate()
-    block = auto_example_block(calibration["seconds_per_example"], config.compute.unit_seconds, config.data.batch_size, job.examples)
-    log(f"calibration: {calibration['seconds_per_example']:.3g} s per example for {calibration['group_channels']} channels;"
-        f" example_block {block} for units of about {config.compute.unit_seconds:g} s")
+    probe = job.plan(1)
+    slowest = max(unit_seconds(probe, unit, calibration["seconds_per_example"]) for unit in probe.units)
+    block = auto_example_block(slowest, config.compute.unit_seconds, config.data.batch_size, job.examples)
+    log(f"calibration: the slowest unit costs {slowest:.3g} s per example; example_block {block} for units of about"
+        f" {config.compute.unit_seconds:g} s")
     return block, calibration
 
 
@@ -95,12 +97,7 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
         "config_fingerprint": config.fingerprint(),
         "model_fingerprint": job.model_fingerprint,
         "config": _recorded_config(config),
-        "shard_size": plan.shard_size,
         "shards": len(plan.shards),
-        "examples": plan.examples,
-        "example_block": plan.example_block,
-        "channel_groups": [list(group) for group in plan.groups],
-        "units": len(plan.units),
         "calibration": calibration,
         "hessdiag_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -108,18 +105,23 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
         "runs": [],
         **job.describe(),
     }
+    tensors = {t.name: job.tensor_facts(t.name) for t in plan.tensors}
+
+    def create():
+        return ResultStore.create(url, options, plan, attrs, tensors)
+
     if ResultStore.exists(url, options):
         try:
             store = ResultStore.open(url, options)
         except BadInputError as exc:
             if not overwrite:
                 raise BadInputError(f"{url!r} exists but cannot be resumed: {exc}; use --overwrite to replace it") from None
-            return ResultStore.create(url, options, plan, attrs)
+            return create()
         if overwrite:
             store.acquire_lock()  # refuses while another coordinator is alive
-            return ResultStore.create(url, options, plan, attrs)
+            return create()
         if not store.initialized and store.attrs.get("config_fingerprint") == attrs["config_fingerprint"]:
-            return ResultStore.create(url, options, plan, attrs)  # creation was interrupted: nothing to keep
+            return create()  # creation was interrupted: nothing to keep
         stored = store.attrs
         if stored.get("config_fingerprint") != attrs["config_fingerprint"]:
             differences = _config_differences(stored.get("config", {}), attrs["config"])
@@ -131,7 +133,36 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
                 " (model fingerprint differs); use --overwrite to replace it"
             )
         return store
-    return ResultStore.create(url, options, plan, attrs)
+    return create()
+
+
+def _unit_summary(plan: Plan) -> str:
+    chains = plan.chains()
+    parts = []
+    if plan.shared:
+        parts.append(f"{len(chains['s'])} shared block(s) of {plan.example_block} examples for {len(plan.shared)} tensor(s)")
+    separate = [c for c in chains if c != "s"]
+    if separate:
+        parts.append(f"{sum(len(chains[c]) for c in separate)} unit(s) over {len(separate)} channel group(s) of"
+                     f" {len(plan.tensors) - len(plan.shared)} tensor(s)")
+    return ", ".join(parts)
+
+
+def _engine_summary(engines: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for name in engines.values():
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{count}" if len(engines) > 1 else name for name, count in counts.items())
+
+
+def summarize(store: ResultStore, plan: Plan) -> None:
+    """Each tensor's per-channel traces and saliencies and its summary statistics, from its stored arrays."""
+    for tensor in plan.tensors:
+        arrays = store.tensor_arrays(tensor.name)
+        attrs, per_channel = tensor_summary(arrays["hessian_diagonal"], arrays["saliency"], tensor.shard_axis)
+        for name, values in per_channel.items():
+            store.write_tensor_array(tensor.name, name, values, (tensor.dims[tensor.shard_axis],))
+        store.update_tensor_attrs(tensor.name, **attrs)
 
 
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:
@@ -164,25 +195,25 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         done, corrupt, _ = store.verify(plan)
         for shard in corrupt:
             store.forget(shard)
-        done_shards = {s.index for s in done}
-        for group in range(len(plan.groups)):
-            if not group_complete(plan, group, done_shards):
-                clean_group(store, plan, group)
-                if fold_group(store, plan, group):  # partials a crash left unfolded completed the group
-                    done_shards |= {shard.index for shard in plan.shards_of(group)}
+        done_shards = {s.name for s in done}
+        for chain in plan.chains():
+            if not chain_complete(plan, chain, done_shards):
+                clean_chain(store, plan, chain)
+                if fold_chain(store, plan, chain, job.weight_values):  # partials a crash left unfolded completed it
+                    done_shards |= {shard.name for shard in plan.chain_shards(chain)}
         state = unit_state(store, plan, done_shards)
         total = len(plan.units)
         progress = RunProgress(total, len(state.done), live)
         say = log or progress.log
+        engines = {t.name: job.curvature.choices[t.name].name for t in plan.tensors}
         say(
-            f"{config.output}: {job.model.name}/{job.curvature.target.layer.name} {plan.weight_shape}, "
-            f"{total} units = {len(plan.groups)} channel group(s) x {plan.blocks} block(s) of {plan.example_block} examples"
-            f" ({plan.examples} examples), stored as {len(plan.shards)} shards of {plan.shard_size} channels;"
-            f" engine {job.curvature.choice.name} ({job.curvature.choice.reason}); {len(state.done)} units done,"
-            f" {len(corrupt)} corrupt shards, {len(state.todo)} units to run"
+            f"{config.output}: {job.model.name}, {len(plan.tensors)} tensor(s) ({plan.entries:,} entries), {total} units"
+            f" ({_unit_summary(plan)}; {plan.examples} examples), stored in shards of {plan.shard_size} channels;"
+            f" engines: {_engine_summary(engines)}; {len(state.done)} units done, {len(corrupt)} corrupt shards,"
+            f" {len(state.todo)} units to run"
         )
-        result = RunResult(config.output, job.curvature.choice.name, job.curvature.choice.reason,
-                           skipped=[u.name for u in state.done], recomputed_corrupt=[s.index for s in corrupt])
+        result = RunResult(config.output, engines, skipped=[u.name for u in state.done],
+                           recomputed_corrupt=[s.name for s in corrupt])
         if state.todo:
             executor = make_executor(config, say, run_id=token[:8])
             install_stop_handlers()
@@ -194,7 +225,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
                 def on_done(unit, record):
                     record.pop("checksum")
                     store.record_unit(unit, **record)
-                    fold_group(store, plan, unit.group)
+                    fold_chain(store, plan, unit.chain, job.weight_values)
                     result.computed.append(unit.name)
                     progress.unit_done(unit.name, record["seconds"], f"{record['host']}:{record['pid']}")
 
@@ -204,7 +235,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
 
                 executor.execute(state.todo, on_done, on_retry, lambda: store.heartbeat(token))
             except Interrupted as exc:
-                finished = len(unit_state(store, plan, {s.index for s in store.verify(plan)[0]}).done)
+                finished = len(unit_state(store, plan, {s.name for s in store.verify(plan)[0]}).done)
                 raise Interrupted(exc.signum, f"interrupted; {finished} of {total} units done;"
                                   " rerun the same command to resume") from None
             finally:
@@ -213,13 +244,13 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         done, corrupt, missing = store.verify(plan)
         if corrupt or missing:
             raise RuntimeError(f"shards still missing after the run: {[s.name for s in corrupt + missing]}")
+        summarize(store, plan)
         runs = list(store.attrs.get("runs", [])) + [
             {"started": started, "seconds": time.time() - started, "computed": result.computed, "retries": result.retries}
         ]
         store.update_attrs(complete=True, loss=loss_value, runs=runs)
         say("all units done and folded; validating against float64 finite differences")
         result.validation = validate_store(job, store, plan, config.validation)
-        store.update_attrs(validation=result.validation)
         result.seconds = time.time() - started
         return result
     finally:

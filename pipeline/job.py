@@ -1,14 +1,13 @@
-"""A run's inputs, loaded and checked: model, data source, loss, target, and its plan.
+"""A run's inputs, loaded and checked: model, data source, loss, targets and their engines, and the plan.
 
-Every check that can reject a config happens here, before any store is
-touched, so bad input writes nothing. The data stay in their source: a unit
-reads only its example block, and passes over all data stream block by block.
+Every check that can reject a config happens here, before any store is touched, so bad input writes
+nothing. The data stay in their source: a unit reads only its example block, and passes over all
+data stream block by block.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,11 +15,15 @@ import keras
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.curvature import Derivatives, LayerCurvature, batches_of
+from pipeline.curvature import batches_of
+from pipeline.curvature.network import NetworkCurvature
+from pipeline.curvature.target import Target, resolve_targets
 from pipeline.data import DataSource, open_data
 from pipeline.errors import BadInputError, NonFiniteLossError
+from pipeline.losses import get_loss
 from pipeline.model import build_model, load_keras_file, model_fingerprint
-from pipeline.plan import Plan, Unit, plan_shards
+from pipeline.plan import Plan, TensorPlan, Unit, plan_units
+from pipeline.reduction import sum_name
 
 
 def load_model(config: Config) -> keras.Model:
@@ -39,31 +42,27 @@ class Job:
     config: Config
     model: keras.Model
     source: DataSource
-    curvature: LayerCurvature
+    targets: tuple[Target, ...]
+    curvature: NetworkCurvature
 
     @classmethod
     def load(cls, config: Config) -> "Job":
         model = load_model(config)
         c = config.compute
-        curvature = LayerCurvature(
-            model,
-            config.target.layer,
-            loss=config.loss.name,
-            from_logits=config.loss.from_logits,
-            weight=config.target.weight,
-            engine=c.engine,
-            chunk_size=c.chunk_size,
-            column_chunk=c.column_chunk,
-            probes=c.probes,
-            samples=c.samples,
-            seed=c.seed,
-        )
+        loss = get_loss(config.loss.name, config.loss.from_logits)
+        targets = tuple(resolve_targets(model, config.target_specs()))
+        curvature = NetworkCurvature(model, targets, loss, engine=c.engine, chunk_size=c.chunk_size,
+                                     column_chunk=c.column_chunk, probes=c.probes, samples=c.samples, seed=c.seed)
         classes = int(np.prod(model.outputs[0].shape[1:]))
         options = config.storage_options if config.data.storage_options is None else config.data.storage_options
-        source = open_data(config.data, tuple(model.inputs[0].shape[1:]), classes, curvature.loss, options)
+        source = open_data(config.data, tuple(model.inputs[0].shape[1:]), classes, loss, options)
         if source.examples == 0:
             raise BadInputError("the data set is empty")
-        return cls(config=config, model=model, source=source, curvature=curvature)
+        return cls(config=config, model=model, source=source, targets=targets, curvature=curvature)
+
+    @property
+    def loss(self):
+        return self.curvature.loss
 
     @property
     def examples(self) -> int:
@@ -81,37 +80,29 @@ class Job:
         for first in range(0, self.examples, size * STREAM_BATCHES):
             yield from batches_of(*self.read(first, first + size * STREAM_BATCHES), size)
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return self.curvature.target.shape
-
-    @property
-    def splits_channels(self) -> bool:
-        """Only the exact engine's cost grows with the channel width; the others pay per example once for all channels."""
-        return self.curvature.choice.name == "exact"
+    def tensor_plans(self) -> tuple[TensorPlan, ...]:
+        found = []
+        for target in self.targets:
+            engine = self.curvature.engine_of(target.name)
+            weight = target.weight
+            found.append(TensorPlan(target.name, weight.shape, weight.shard_axis, weight.dims, engine.shares_pass,
+                                    engine.splits_channels, engine.whole_data))
+        return tuple(found)
 
     def plan(self, example_block: int) -> Plan:
-        """Units for ``example_block`` examples each; stochastic estimators keep all data in one block (their
-        standard errors need every probe's whole-data estimate)."""
-        block = example_block if self.curvature.choice.exact else self.examples
-        return plan_shards(self.weight_shape, self.config.compute.shard_size, self.examples, block, self.splits_channels)
+        """Units of ``example_block`` examples each (engines that need the whole data keep it in one block)."""
+        return plan_units(self.tensor_plans(), self.config.compute.shard_size, self.examples, example_block)
 
     def calibrate(self) -> dict:
-        """Seconds per example of one unit of the first channel group, timed on one example after a warm-up."""
-        group = self.plan(1).groups[0]
+        """Seconds per example of the shared pass and of each separate tensor over all its channels, timed on one
+        example after a warm-up."""
         x, y = self.read(0, 1)
-        channels = slice(*group)
-        engine = self.curvature.engine
-        if self.curvature.choice.name == "exact":
-            engine.time_chunk(x, y)  # trace
-            seconds = engine.time_chunk(x, y) / engine.chunk_size * engine.directions(channels)
-        else:
-            self.curvature.compute_sums([(x, y)], channels)  # trace
-            started = time.perf_counter()
-            self.curvature.compute_sums([(x, y)], channels)
-            seconds = time.perf_counter() - started
-        return {"seconds_per_example": seconds, "examples_timed": 1, "group_channels": group[1] - group[0],
-                "engine": self.curvature.choice.name}
+        seconds = {}
+        if self.curvature.shared is not None:
+            seconds["shared"] = self.curvature.shared.seconds_per_example(x, y)
+        for name, separate in self.curvature.separate.items():
+            seconds[name] = separate.seconds_per_example(x, y)
+        return {"seconds_per_example": seconds, "examples_timed": 1}
 
     @functools.cached_property
     def model_fingerprint(self) -> str:
@@ -122,54 +113,59 @@ class Job:
         """L over the whole data set, streamed; raises when it is not finite. Reads (and so checks) every example."""
         total = 0.0
         for bx, by in self.iter_batches():
-            total += float(np.sum(self.curvature.loss.per_example(self.model(bx, training=False), by)))
+            total += float(np.sum(self.loss.per_example(self.model(bx, training=False), by)))
         value = total / self.examples
         if not np.isfinite(value):
             raise NonFiniteLossError(f"the mean loss over {self.examples} examples is {value}; nothing was computed")
         return value
 
-    def compute_unit(self, unit: Unit) -> Derivatives:
-        """float64 sums of the unit's examples for its channels."""
+    def compute_unit(self, unit: Unit) -> dict[str, np.ndarray]:
+        """float64 sums of the unit's examples: each of its tensors' gradient and diagonal (its channels)."""
         x, y = self.read(unit.first, unit.last)
-        return self.curvature.compute_sums(batches_of(x, y, self.config.data.batch_size), unit.channels)
+        batches = batches_of(x, y, self.config.data.batch_size)
+        if unit.tensor is None:
+            sums = self.curvature.shared_sums(batches)
+            found = {}
+            for index, target in enumerate(self.targets):
+                if target.name in sums:
+                    found[sum_name(index, "gradient")] = sums[target.name].gradient
+                    found[sum_name(index, "hessian_diagonal")] = sums[target.name].hessian_diagonal
+            return found
+        target = self.targets[unit.tensor]
+        sums = self.curvature.tensor_sums(target.name, batches, unit.channels)
+        return {sum_name(unit.tensor, "gradient"): sums.gradient, sum_name(unit.tensor, "hessian_diagonal"): sums.hessian_diagonal}
+
+    def weight_values(self, tensor: int) -> np.ndarray:
+        """The model's values of tensor ``tensor``, in float64."""
+        return np.asarray(self.targets[tensor].variable.numpy(), np.float64)
 
     def describe(self) -> dict:
-        """Facts about the inputs, recorded in the store."""
-        target = self.curvature.target
+        """Facts about the inputs, recorded in the store's root attributes."""
         return {
             "model": self.model.name,
-            "target_layer": target.layer.name,
-            "target_weight": self.config.target.weight,
-            "weight_shape": list(self.weight_shape),
             "examples": self.examples,
             "batch_size": self.config.data.batch_size,
             "loss_name": self.config.loss.name,
             "engine_requested": self.config.compute.engine,
-            "engine": self.curvature.choice.name,
-            "engine_reason": self.curvature.choice.reason,
-            "exact": self.curvature.choice.exact,
-            **self._second_order_facts(),
-            **self._estimator_facts(),
+            "column_method": self.curvature.shared.column_method if self.curvature.shared is not None else None,
         }
 
-    def _second_order_facts(self) -> dict:
-        """Which second-order rules the engine evaluates through, which layers were audited at load, and
-        whether the exact engine's products are compiled by XLA (else which layers keep them a graph)."""
-        check = self.curvature.second_order
-        if check is None:
-            return {}
-        facts = {"second_order_rules": list(check.rules), "audited_layers": list(check.audited)}
-        compiler = getattr(self.curvature.engine, "compiler", None)
-        if compiler is not None:
-            facts["hvp_compiler"] = compiler
-            facts["not_xla_verified"] = list(check.not_xla_verified)
+    def tensor_facts(self, name: str) -> dict:
+        """Facts about one tensor, recorded in its group: its layer, engine and why, and what that engine relied on."""
+        target = {t.name: t for t in self.targets}[name]
+        choice = self.curvature.choices[name]
+        facts = {"layer": target.path, "weight": target.weight.name, "layer_type": type(target.layer).__name__,
+                 "shape": list(target.shape), "shard_axis": target.weight.shard_axis, "entries": target.weight.entries,
+                 "engine": choice.name, "engine_reason": choice.reason, "exact": choice.exact}
+        separate = self.curvature.separate.get(name)
+        if separate is None:
+            return facts
+        check = separate.second_order
+        if check is not None:
+            facts.update(second_order_rules=list(check.rules), audited_layers=list(check.audited))
+            compiler = getattr(separate.engine, "compiler", None)
+            if compiler is not None:
+                facts.update(hvp_compiler=compiler, not_xla_verified=list(check.not_xla_verified))
+        if choice.engine.samples_option:
+            facts.update(estimator=choice.name, estimator_samples=getattr(self.config.compute, choice.engine.samples_option))
         return facts
-
-    def _estimator_facts(self) -> dict:
-        """Sample count of a stochastic engine; each shard's manifest entry adds its largest standard error."""
-        name = self.curvature.choice.name
-        if name == "hutchinson":
-            return {"estimator": name, "estimator_samples": self.config.compute.probes}
-        if name == "monte_carlo":
-            return {"estimator": name, "estimator_samples": self.config.compute.samples}
-        return {}

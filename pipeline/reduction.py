@@ -1,44 +1,45 @@
 """Deterministic reduction: partial sums of work units fold into the final arrays in block order.
 
-For each channel group, running(k) is the float64 sum of blocks 0..k-1, always formed as
-running(k) + partial(k), so the final arrays are bit-identical whatever the number of
-workers, the order units finish, retries and resumes. A partial is deleted once folded,
-so a store holds O(size of W x units in flight) of partial sums.
+For each fold chain (the shared pass, or one tensor's channel group), running(k) is the float64
+sum of blocks 0..k-1, always formed as running(k) + partial(k), array by array, so the final
+arrays are bit-identical whatever the number of workers, the order units finish, retries and
+resumes. A partial is deleted once folded, so a store holds the sums of the units in flight and
+one running sum per chain.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 
 from pipeline.plan import Plan, Unit
-from pipeline.store import ResultStore
+from pipeline.store import ResultStore, tensor_key
+
+WeightOf = Callable[[int], np.ndarray]  # a tensor's index -> its weight values (float64), for the saliency
 
 
-def partial_name(group: int, block: int) -> str:
-    return f"g{group:05d}-b{block:05d}"
+def sum_name(tensor: int, quantity: str) -> str:
+    """The name of one tensor's array in a unit's sums."""
+    return f"{tensor_key(tensor)}_{quantity}"
 
 
-def running_name(group: int, folded: int) -> str:
-    return f"g{group:05d}-k{folded:05d}"
+def running_name(chain: str, folded: int) -> str:
+    return f"{chain}-k{folded:05d}"
 
 
-def latest_running(store: ResultStore, group: int) -> tuple[int, tuple | None]:
-    """(blocks folded, their sums) of ``group``'s newest complete running sum; (0, None) when there is none."""
-    prefix = f"g{group:05d}-k"
-    for name in sorted((n for n in store.sums_names("running") if n.startswith(prefix)), reverse=True):
-        sums = store.valid_sums("running", name)
-        if sums is not None:
-            return int(name[len(prefix):]), sums
+def latest_running(store: ResultStore, chain: str) -> tuple[int, str | None]:
+    """(blocks folded, name) of ``chain``'s newest complete running sum; (0, None) when there is none."""
+    prefix = f"{chain}-k"
+    for name in sorted((n for n in store.sums_list("running") if n.startswith(prefix)), reverse=True):
+        if store.sums_valid("running", name):
+            return int(name[len(prefix):]), name
     return 0, None
 
 
-def folded_blocks(store: ResultStore, group: int) -> int:
-    """How many blocks of ``group`` the newest complete running sum holds (0: none yet)."""
-    return latest_running(store, group)[0]
-
-
-def group_complete(plan: Plan, group: int, done_shards: set[int]) -> bool:
-    return all(shard.index in done_shards for shard in plan.shards_of(group))
+def chain_complete(plan: Plan, chain: str, done_shards: set[str]) -> bool:
+    return all(shard.name in done_shards for shard in plan.chain_shards(chain))
 
 
 @dataclass
@@ -49,50 +50,68 @@ class UnitState:
     todo: list[Unit]
 
 
-def unit_state(store: ResultStore, plan: Plan, done_shards: set[int]) -> UnitState:
-    done, todo, folded = [], [], {}
-    for unit in plan.units:
-        if group_complete(plan, unit.group, done_shards):
-            done.append(unit)
+def unit_state(store: ResultStore, plan: Plan, done_shards: set[str]) -> UnitState:
+    done, todo = [], []
+    for chain, units in plan.chains().items():
+        if chain_complete(plan, chain, done_shards):
+            done += units
             continue
-        if unit.group not in folded:
-            folded[unit.group] = folded_blocks(store, unit.group)
-        finished = unit.block < folded[unit.group] or store.sums_valid("partials", unit.name)
-        (done if finished else todo).append(unit)
+        folded = latest_running(store, chain)[0]
+        for unit in units:
+            finished = unit.block < folded or store.sums_valid("partials", unit.name)
+            (done if finished else todo).append(unit)
     return UnitState(done, todo)
 
 
-def clean_group(store: ResultStore, plan: Plan, group: int) -> None:
+def clean_chain(store: ResultStore, plan: Plan, chain: str) -> None:
     """Delete sums a crash left behind: older running sums, folded or incomplete partials."""
-    folded = folded_blocks(store, group)
-    for name in store.sums_names("running"):
-        if name.startswith(f"g{group:05d}-k") and name != running_name(group, folded):
+    folded, current = latest_running(store, chain)
+    for name in store.sums_list("running"):
+        if name.startswith(f"{chain}-k") and name != current:
             store.delete_sums("running", name)
-    present = set(store.sums_names("partials"))
-    for block in range(plan.blocks):
-        name = partial_name(group, block)
-        if block < folded or (name in present and not store.sums_valid("partials", name)):
-            store.delete_sums("partials", name)
+    present = set(store.sums_list("partials"))
+    for unit in plan.chains()[chain]:
+        if unit.name in present and (unit.block < folded or not store.sums_valid("partials", unit.name)):
+            store.delete_sums("partials", unit.name)
 
 
-def fold_group(store: ResultStore, plan: Plan, group: int) -> bool:
-    """Fold ``group``'s ready partials in block order; once all are folded, write its shards. True when done."""
-    folded, running = latest_running(store, group)
-    while folded < plan.blocks:
-        partial = store.valid_sums("partials", partial_name(group, folded))
-        if partial is None:
+def fold_chain(store: ResultStore, plan: Plan, chain: str, weight_of: WeightOf) -> bool:
+    """Fold ``chain``'s ready partials in block order; once all are folded, write its shards. True when done."""
+    units = plan.chains()[chain]
+    folded, current = latest_running(store, chain)
+    while folded < len(units):
+        partial = units[folded].name
+        if not store.sums_valid("partials", partial):
             break
-        running = partial if running is None else (running[0] + partial[0], running[1] + partial[1])
-        store.write_sums("running", running_name(group, folded + 1), *running)
-        store.delete_sums("running", running_name(group, folded))
-        store.delete_sums("partials", partial_name(group, folded))
-        folded += 1
-    if folded < plan.blocks:
+
+        def added(partial=partial, current=current):
+            for name, values in store.iter_sums("partials", partial):
+                yield name, values if current is None else store.read_sum("running", current, name) + values
+
+        following = running_name(chain, folded + 1)
+        store.write_sums("running", following, added())
+        if current is not None:
+            store.delete_sums("running", current)
+        store.delete_sums("partials", partial)
+        folded, current = folded + 1, following
+    if folded < len(units):
         return False
-    gradient, diagonal = running[0] / plan.examples, running[1] / plan.examples
-    first = plan.groups[group][0]
-    for shard in plan.shards_of(group):
-        local = slice(shard.start - first, shard.stop - first)
-        store.record_done(shard, store.write_shard(shard, gradient[..., local], diagonal[..., local]))
-    store.delete_sums("running", running_name(group, folded))
+    first = units[0].start
+    for tensor in plan.chain_tensors(chain):
+        gradient = store.read_sum("running", current, sum_name(tensor, "gradient")) / plan.examples
+        diagonal = store.read_sum("running", current, sum_name(tensor, "hessian_diagonal")) / plan.examples
+        spec = plan.tensors[tensor]
+        weights = weight_of(tensor)
+        for shard in plan.chain_shards(chain):
+            if shard.tensor != tensor:
+                continue
+            local = [slice(None)] * len(spec.shape)
+            local[spec.shard_axis] = slice(shard.start - first, shard.stop - first)
+            region = [slice(None)] * len(spec.shape)
+            region[spec.shard_axis] = shard.channels
+            h = diagonal[tuple(local)]
+            values = {"gradient": gradient[tuple(local)], "hessian_diagonal": h,
+                      "saliency": 0.5 * h * np.square(weights[tuple(region)])}
+            store.record_done(shard, store.write_shard(plan, shard, values))
+    store.delete_sums("running", current)
     return True

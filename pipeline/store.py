@@ -1,18 +1,21 @@
-"""The Zarr v3 store: result arrays, attributes, per-shard manifest, and the run lock.
+"""The Zarr v3 store: one group of result arrays per tensor, the per-shard manifest, unit sums, and the run lock.
 
-Layout (readable by ``zarr.open_group`` and ``xarray.open_zarr``):
+Layout (readable by ``zarr.open_group`` and ``xarray.open_datatree(STORE, engine="zarr")``):
 
-    gradient, hessian_diagonal   float64 arrays shaped like W (the means), one chunk per shard
-    manifest/shard-NNNNN         one group per finished shard; attrs hold its checksum
-    partials/gGGGGG-bBBBBB       float64 sums of one work unit (channel group G, example block B)
-    running/gGGGGG-kKKKKK        float64 sums of group G's blocks 0..K-1, folded in block order
-    units/gGGGGG-bBBBBB          timing of each finished unit (kept after its partial is folded)
-    lock                         a group whose attrs name the coordinator running now
+    params/<layer path>/<weight>/   one group per tensor: ``gradient``, ``hessian_diagonal``, ``saliency``
+                                    (float64, shaped like the weight, one chunk per shard along its shard
+                                    axis, named dimensions), and once complete ``channel_trace`` and
+                                    ``channel_saliency``; attributes: engine, summary statistics, validation
+    manifest/tTTTT-sSSSSS           one group per finished shard of tensor T; attrs hold its checksum
+    partials/<unit>                 float64 sums of one work unit, one array per tensor and quantity
+    running/<chain>-kKKKKK          float64 sums of a fold chain's blocks 0..K-1, folded in block order
+    units/<unit>                    timing of each finished unit (kept after its partial is folded)
+    lock                            a group whose attrs name the coordinator running now
 
-Partial and running sums count only once their checksum attribute is written and
-still matches, and an older one is deleted only after its successor is complete, so a
-crash at any point loses at most the units in flight. A shard is done only when its
-manifest entry exists and the stored chunk's checksum still matches it.
+Sums count only once their checksum attribute is written and still matches, and an older running
+sum is deleted only after its successor is complete, so a crash at any point loses at most the
+units in flight. A shard is done only when its manifest entry exists and the stored chunks'
+checksum still matches it.
 """
 
 from __future__ import annotations
@@ -23,33 +26,24 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import zarr
 
 from pipeline.errors import BadInputError
-from pipeline.plan import Plan, Shard, Unit, plan_shards
+from pipeline.plan import Plan, Shard, TensorPlan, Unit, plan_units
 
-ARRAYS = ("gradient", "hessian_diagonal")
-CONV_DIMS = ("kh", "kw", "in_channel", "out_channel")
-DENSE_DIMS = ("in_feature", "out_channel")
+RESULT_ARRAYS = ("gradient", "hessian_diagonal", "saliency")
+SUMMED = ("gradient", "hessian_diagonal")
 LOCK_STALE_SECONDS = 90.0
-LAYOUT_VERSION = 2  # 1: one shard = channels x all data, no partial sums
+LAYOUT_VERSION = 3  # 1: one shard = channels x all data; 2: one tensor's arrays at the root
 
 
-def dimension_names(rank: int) -> tuple[str, ...]:
-    if rank == 4:
-        return CONV_DIMS
-    if rank == 2:
-        return DENSE_DIMS
-    return tuple(f"axis{i}" for i in range(rank - 1)) + ("out_channel",)
-
-
-def shard_checksum(gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:
-    """sha256 of a shard's float64 values in C order."""
+def checksum_of(arrays: Iterable[np.ndarray]) -> str:
+    """sha256 of float64 values in C order, array after array."""
     digest = hashlib.sha256()
-    for array in (gradient, hessian_diagonal):
+    for array in arrays:
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     return digest.hexdigest()
 
@@ -58,8 +52,8 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def check_writable(url: str, storage_options: dict) -> None:
@@ -75,12 +69,22 @@ def check_writable(url: str, storage_options: dict) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
             raise BadInputError(f"output {url!r} is not writable: {exc}") from None
         return
-    path = os.path.abspath(_local_path(url))
+    path = os.path.abspath(local_path(url))
     ancestor = path
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
         raise BadInputError(f"output {url!r} is not writable: {ancestor!r} is not a writable directory")
+
+
+def tensor_key(index: int) -> str:
+    return f"t{index:04d}"
+
+
+def _chunks(tensor: TensorPlan, shard_size: int) -> tuple[int, ...]:
+    chunks = list(tensor.shape)
+    chunks[tensor.shard_axis] = min(shard_size, tensor.channels)
+    return tuple(chunks)
 
 
 class ResultStore:
@@ -94,7 +98,7 @@ class ResultStore:
     @staticmethod
     def _open(url: str, storage_options: dict, mode: str, attributes: dict | None = None) -> zarr.Group:
         options = {"storage_options": storage_options} if is_remote(url) else {}
-        return zarr.open_group(_local_path(url), mode=mode, zarr_format=3, attributes=attributes, **options)
+        return zarr.open_group(local_path(url), mode=mode, zarr_format=3, attributes=attributes, **options)
 
     @classmethod
     def exists(cls, url: str, storage_options: dict | None = None) -> bool:
@@ -116,31 +120,33 @@ class ResultStore:
         if version != LAYOUT_VERSION:
             raise BadInputError(
                 f"{url!r} is a hessdiag store of layout version {version}; this hessdiag reads version {LAYOUT_VERSION}"
-                " (work units over channel groups and example blocks). Write to a new output, or rerun with --overwrite"
+                " (one group per tensor under params/). Write to a new output, or rerun with --overwrite"
             )
         return cls(group, url)
 
     @property
     def initialized(self) -> bool:
-        """False when a crash interrupted ``create`` before both arrays existed."""
-        return all(name in self.group for name in ARRAYS)
+        """False when a crash interrupted ``create`` before every tensor's arrays existed."""
+        return bool(self.group.attrs.get("initialized"))
 
     @classmethod
-    def create(cls, url: str, storage_options: dict, plan: Plan, attrs: dict[str, Any]) -> "ResultStore":
-        """A new, empty store (replacing whatever is at ``url``); its attributes are written with the group."""
-        group = cls._open(url, storage_options, "w", attributes={"complete": False, "layout_version": LAYOUT_VERSION, **attrs})
-        chunks = plan.weight_shape[:-1] + (plan.shard_size,)
-        for name in ARRAYS:
-            group.create_array(
-                name,
-                shape=plan.weight_shape,
-                chunks=chunks,
-                dtype="float64",
-                fill_value=np.nan,
-                dimension_names=dimension_names(len(plan.weight_shape)),
-                attributes={"long_name": name.replace("_", " "), "units": "loss / weight" if name == "gradient" else "loss / weight^2"},
-            )
+    def create(cls, url: str, storage_options: dict, plan: Plan, attrs: dict[str, Any],
+               tensor_attrs: dict[str, dict] | None = None) -> "ResultStore":
+        """A new, empty store (replacing whatever is at ``url``); the tensors' arrays are created empty."""
+        group = cls._open(url, storage_options, "w", attributes={
+            "complete": False, "layout_version": LAYOUT_VERSION, "targets": [t.name for t in plan.tensors],
+            "tensors": [dataclasses.asdict(t) for t in plan.tensors], "shard_size": plan.shard_size,
+            "examples": plan.examples, "example_block": plan.example_block, "units": len(plan.units), **attrs})
+        for tensor in plan.tensors:
+            params = group.require_group(f"params/{tensor.name}")
+            params.attrs.update((tensor_attrs or {}).get(tensor.name, {}))
+            for name in RESULT_ARRAYS:
+                units = {"gradient": "loss / weight", "hessian_diagonal": "loss / weight^2", "saliency": "loss"}[name]
+                params.create_array(name, shape=tensor.shape, chunks=_chunks(tensor, plan.shard_size), dtype="float64",
+                                    fill_value=np.nan, dimension_names=tensor.dims,
+                                    attributes={"long_name": name.replace("_", " "), "units": units})
         group.require_group("manifest")
+        group.attrs["initialized"] = True
         return cls(group, url)
 
     # attributes --------------------------------------------------------------
@@ -151,44 +157,64 @@ class ResultStore:
     def update_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
 
+    def tensor_group(self, name: str) -> zarr.Group:
+        return self.group[f"params/{name}"]
+
+    def tensor_attrs(self, name: str) -> dict[str, Any]:
+        return dict(self.tensor_group(name).attrs)
+
+    def update_tensor_attrs(self, name: str, **values: Any) -> None:
+        self.tensor_group(name).attrs.update(values)
+
     @property
     def plan(self) -> Plan:
-        """The shards and units this store was created for, from its own attributes."""
+        """The tensors and units this store was created for, from its own attributes."""
         attrs = self.group.attrs
-        plan = plan_shards(tuple(attrs["weight_shape"]), int(attrs["shard_size"]), int(attrs["examples"]), int(attrs["example_block"]))
-        return dataclasses.replace(plan, groups=tuple(tuple(group) for group in attrs["channel_groups"]))
+        tensors = tuple(TensorPlan(**{**t, "shape": tuple(t["shape"]), "dims": tuple(t["dims"])}) for t in attrs["tensors"])
+        return plan_units(tensors, int(attrs["shard_size"]), int(attrs["examples"]), int(attrs["example_block"]))
 
     # sums of work units --------------------------------------------------------
-    def write_sums(self, kind: str, name: str, gradient: np.ndarray, hessian_diagonal: np.ndarray, **info: Any) -> str:
-        """Write float64 sums (one chunk each), read them back, then record their checksum, which marks them complete."""
-        expected = shard_checksum(gradient, hessian_diagonal)
+    def write_sums(self, kind: str, name: str, arrays: Iterable[tuple[str, np.ndarray]], **info: Any) -> str:
+        """Write named float64 arrays one after another (each read back), then record their checksum, which marks
+        them complete. ``arrays`` may be a generator, so a fold holds one array at a time."""
+        digest = hashlib.sha256()
         group = self.group.require_group(kind).create_group(name, overwrite=True)
-        for array_name, values in zip(ARRAYS, (gradient, hessian_diagonal)):
+        names = []
+        for array_name, values in arrays:
+            values = np.ascontiguousarray(values, dtype=np.float64)
             array = group.create_array(array_name, shape=values.shape, chunks=values.shape, dtype="float64")
             array[...] = values
-        stored = shard_checksum(*self.read_sums(kind, name))
-        if stored != expected:
-            raise OSError(f"{kind}/{name}: chunks read back differ from what was written")
-        group.attrs.update({"checksum": expected, **info})
-        return expected
+            if not np.array_equal(np.asarray(array[...]), values, equal_nan=True):
+                raise OSError(f"{kind}/{name}/{array_name}: chunks read back differ from what was written")
+            digest.update(values.tobytes())
+            names.append(array_name)
+        group.attrs.update({"checksum": digest.hexdigest(), "arrays": names, **info})
+        return digest.hexdigest()
 
-    def read_sums(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        group = self.group[kind][name]
-        return tuple(np.asarray(group[array_name][...]) for array_name in ARRAYS)
+    def read_sum(self, kind: str, name: str, array: str) -> np.ndarray:
+        return np.asarray(self.group[kind][name][array][...])
 
-    def valid_sums(self, kind: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """The sums, read once, when they exist, are complete and still match their checksum; else None."""
-        try:
-            checksum = self.group[kind][name].attrs.get("checksum")
-            sums = self.read_sums(kind, name) if checksum is not None else None
-        except Exception:  # noqa: BLE001 - missing, partly written or undecodable: not valid
-            return None
-        return sums if sums is not None and shard_checksum(*sums) == checksum else None
+    def sum_names(self, kind: str, name: str) -> list[str]:
+        return list(self.group[kind][name].attrs.get("arrays", []))
+
+    def iter_sums(self, kind: str, name: str) -> Iterator[tuple[str, np.ndarray]]:
+        for array in self.sum_names(kind, name):
+            yield array, self.read_sum(kind, name, array)
 
     def sums_valid(self, kind: str, name: str) -> bool:
-        return self.valid_sums(kind, name) is not None
+        """True when the sums exist, are complete and still match their checksum (read one array at a time)."""
+        try:
+            checksum = self.group[kind][name].attrs.get("checksum")
+            if checksum is None:
+                return False
+            digest = hashlib.sha256()
+            for _, values in self.iter_sums(kind, name):
+                digest.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+        except Exception:  # noqa: BLE001 - missing, partly written or undecodable: not valid
+            return False
+        return digest.hexdigest() == checksum
 
-    def sums_names(self, kind: str) -> list[str]:
+    def sums_list(self, kind: str) -> list[str]:
         return sorted(self.group[kind].group_keys()) if kind in self.group else []
 
     def delete_sums(self, kind: str, name: str) -> None:
@@ -197,7 +223,8 @@ class ResultStore:
 
     def record_unit(self, unit: Unit, **info: Any) -> None:
         """Keep a finished unit's timing (its partial sums are deleted once folded)."""
-        self.group.require_group("units").create_group(unit.name, overwrite=True, attributes={"group": unit.group, "block": unit.block, **info})
+        self.group.require_group("units").create_group(unit.name, overwrite=True,
+                                                       attributes={"chain": unit.chain, "block": unit.block, **info})
 
     def unit_records(self) -> dict[str, dict[str, Any]]:
         if "units" not in self.group:
@@ -205,52 +232,60 @@ class ResultStore:
         return {name: dict(group.attrs) for name, group in self.group["units"].groups()}
 
     # shards ------------------------------------------------------------------
-    def write_shard(self, shard: Shard, gradient: np.ndarray, hessian_diagonal: np.ndarray) -> str:
-        """Write a shard's chunks, read them back, and return their verified checksum."""
-        expected = shard_checksum(gradient, hessian_diagonal)
-        self.group["gradient"][..., shard.channels] = gradient
-        self.group["hessian_diagonal"][..., shard.channels] = hessian_diagonal
-        stored = self.stored_checksum(shard)
+    def _region(self, plan: Plan, shard: Shard) -> tuple:
+        tensor = plan.tensors[shard.tensor]
+        region = [slice(None)] * len(tensor.shape)
+        region[tensor.shard_axis] = shard.channels
+        return tuple(region)
+
+    def write_shard(self, plan: Plan, shard: Shard, values: dict[str, np.ndarray]) -> str:
+        """Write a shard's chunks of every result array, read them back, and return their verified checksum."""
+        group = self.tensor_group(plan.tensors[shard.tensor].name)
+        region = self._region(plan, shard)
+        for name in RESULT_ARRAYS:
+            group[name][region] = values[name]
+        expected = checksum_of(values[name] for name in RESULT_ARRAYS)
+        stored = self.stored_checksum(plan, shard)
         if stored != expected:
             raise OSError(f"{shard.name}: chunks read back differ from what was written ({stored} != {expected})")
         return expected
 
-    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(np.asarray(self.group[name][..., shard.channels]) for name in ARRAYS)
+    def read_shard(self, plan: Plan, shard: Shard) -> dict[str, np.ndarray]:
+        group = self.tensor_group(plan.tensors[shard.tensor].name)
+        region = self._region(plan, shard)
+        return {name: np.asarray(group[name][region]) for name in RESULT_ARRAYS}
 
-    def stored_checksum(self, shard: Shard) -> str:
-        return shard_checksum(*self.read_shard(shard))
+    def stored_checksum(self, plan: Plan, shard: Shard) -> str:
+        stored = self.read_shard(plan, shard)
+        return checksum_of(stored[name] for name in RESULT_ARRAYS)
 
-    def _readable_checksum(self, shard: Shard) -> str | None:
+    def _readable_checksum(self, plan: Plan, shard: Shard) -> str | None:
         """The stored checksum, or None when the chunks cannot even be decoded."""
         try:
-            return self.stored_checksum(shard)
+            return self.stored_checksum(plan, shard)
         except Exception:  # noqa: BLE001 - any decode/IO failure means the chunk is corrupt
             return None
 
     def record_done(self, shard: Shard, checksum: str, **info: Any) -> None:
         """Mark a shard done; call only after ``write_shard`` returned ``checksum``."""
-        manifest = self.group.require_group("manifest")
-        entry = {"index": shard.index, "start": shard.start, "stop": shard.stop, "checksum": checksum, **info}
-        manifest.create_group(shard.name, overwrite=True, attributes=entry)
+        entry = {"tensor": shard.tensor, "index": shard.index, "start": shard.start, "stop": shard.stop, "checksum": checksum, **info}
+        self.group.require_group("manifest").create_group(shard.name, overwrite=True, attributes=entry)
 
-    def manifest(self) -> dict[int, dict[str, Any]]:
-        """Recorded shards by index (not yet verified against the chunks)."""
+    def manifest(self) -> dict[str, dict[str, Any]]:
+        """Recorded shards by name (not yet verified against the chunks)."""
         if "manifest" not in self.group:
             return {}
-        manifest = self.group["manifest"]
-        entries = (dict(group.attrs) for _, group in manifest.groups())
-        return {entry["index"]: entry for entry in entries if "checksum" in entry}
+        return {name: dict(group.attrs) for name, group in self.group["manifest"].groups() if "checksum" in group.attrs}
 
     def verify(self, plan: Plan) -> tuple[list[Shard], list[Shard], list[Shard]]:
         """(done, corrupt, missing) shards: corrupt ones have a manifest entry whose checksum no longer matches."""
         recorded = self.manifest()
         done, corrupt, missing = [], [], []
         for shard in plan.shards:
-            entry = recorded.get(shard.index)
+            entry = recorded.get(shard.name)
             if entry is None:
                 missing.append(shard)
-            elif self._readable_checksum(shard) == entry["checksum"]:
+            elif self._readable_checksum(plan, shard) == entry["checksum"]:
                 done.append(shard)
             else:
                 corrupt.append(shard)
@@ -262,12 +297,19 @@ class ResultStore:
         if shard.name in manifest:
             del manifest[shard.name]
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(np.asarray(self.group[name][...]) for name in ARRAYS)
+    def tensor_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """Every array of tensor ``name`` (the result arrays, and the per-channel sums once written)."""
+        group = self.tensor_group(name)
+        return {key: np.asarray(group[key][...]) for key in sorted(group.array_keys())}
 
-    def values_at(self, indices: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
-        gradient, diagonal = self.group["gradient"], self.group["hessian_diagonal"]
-        return np.array([gradient[i] for i in indices]), np.array([diagonal[i] for i in indices])
+    def write_tensor_array(self, name: str, array: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+        group = self.tensor_group(name)
+        stored = group.create_array(array, shape=values.shape, dtype="float64", dimension_names=dims, overwrite=True)
+        stored[...] = values
+
+    def values_at(self, name: str, array: str, indices: list[tuple[int, ...]]) -> np.ndarray:
+        stored = self.tensor_group(name)[array]
+        return np.array([stored[i] for i in indices])
 
     # lock --------------------------------------------------------------------
     def lock_info(self) -> dict[str, Any] | None:

@@ -83,7 +83,7 @@ class UnitWorker:
         """Compute a unit, write its partial sums, and return their verified checksum with timings."""
         started = time.perf_counter()
         sums = self.job.compute_unit(unit)
-        checksum = self.store.write_sums("partials", unit.name, sums.gradient, sums.hessian_diagonal)
+        checksum = self.store.write_sums("partials", unit.name, sums.items())
         record = {
             "checksum": checksum,
             "seconds": time.perf_counter() - started,
@@ -92,6 +92,7 @@ class UnitWorker:
             "pid": os.getpid(),
             **peak_memory_bytes(),
         }
-        if self.job.curvature.stderr is not None:
-            record["max_stderr"] = float(self.job.curvature.stderr.max()) / self.job.examples
+        stderr = None if unit.tensor is None else self.job.curvature.stderr(self.job.targets[unit.tensor].name)
+        if stderr is not None:
+            record["max_stderr"] = float(stderr.max()) / self.job.examples
         return record

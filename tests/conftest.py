@@ -56,11 +56,14 @@ def ray_session():
     ray.shutdown()
 
 
+FINISHED = dict(target=None, targets="all", compute={"shard_size": 32}, cluster={"executor": "local"}, validation={"samples": 4})
+
+
 @pytest.fixture(scope="session")
 def finished_store(tmp_path_factory):
-    """A small complete, validated store (local executor, 2 shards of 32 channels)."""
+    """A small complete, validated store of every tensor of the digits CNN (local executor, shards of 32 channels)."""
     from pipeline.coordinator import run
 
     path = tmp_path_factory.mktemp("done") / "s.zarr"
-    run(tiny_config(path, compute={"shard_size": 32}, cluster={"executor": "local"}, validation={"samples": 4}), live=False)
+    run(tiny_config(path, **FINISHED), live=False)
     return path

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import tiny_raw, write_config
+from tests.conftest import FINISHED, tiny_raw, write_config
 
 
 def call(*args):
@@ -65,7 +65,7 @@ def test_bad_override(tmp_path, capsys):
 
 def test_missing_layer_lists_layers(tmp_path, capsys):
     code, err = _bad(tmp_path, capsys, tiny_raw(tmp_path / "s.zarr", target={"layer": "block4_conv3"}))
-    assert code == 2 and "layer 'block4_conv3' not found; layers are:" in err and "block2_conv1" in err
+    assert code == 2 and "layer 'block4_conv3' not found" in err and "layers are: block1_conv1" in err and "block2_conv1" in err
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -84,7 +84,7 @@ def test_output_not_writable(tmp_path, capsys):
 
 def test_store_from_another_config_is_refused_untouched(finished_store, tmp_path, capsys):
     before = snapshot(finished_store)
-    raw = tiny_raw(finished_store, compute={"shard_size": 32}, cluster={"executor": "local"}, data={"num_examples": 200})
+    raw = tiny_raw(finished_store, **{**FINISHED, "data": {"num_examples": 200}})
     code, err = _bad(tmp_path, capsys, raw)
     assert code == 2 and "was written for a different config" in err and "data.num_examples" in err and "--overwrite" in err
     assert snapshot(finished_store) == before
@@ -93,8 +93,9 @@ def test_store_from_another_config_is_refused_untouched(finished_store, tmp_path
 def test_status_json_of_finished_store(finished_store, capsys):
     assert call("status", str(finished_store), "--json") == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["complete"] is True and status["shards_done"] == status["shards_total"] == 2
-    assert status["missing"] == [] and status["engine"] == "factored" and status["validation"]["passed"] is True
+    assert status["complete"] is True and status["shards_done"] == status["shards_total"] == 18
+    assert status["missing"] == [] and {t["engine"] for t in status["tensors"]} == {"factored"}
+    assert status["validation"]["passed"] is True and len(status["tensors"]) == 12
 
 
 def test_validate_existing_store(finished_store, capsys):
@@ -106,8 +107,9 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "s.zarr"))
     assert call("run", config, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "16 shards of 4 channels" in out and "18,432 entries" in out
-    assert "units: 4 = 1 channel group(s) of 64 channels x 4 block(s) of 64 examples" in out
+    assert "shards of 4 channels" in out and "18,432 entries" in out
+    assert "1 tensor(s), 18,432 entries; 4 units of at most 64 examples (256 examples, batches of 64)" in out
+    assert "block2_conv1/kernel" in out and "factored" in out and "shared pass" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
     predicted = {int(r.split("│")[1]): float(r.split("│")[2].replace(",", "")) for r in rows if r.split("│")[1].strip().isdigit()}
     assert sorted(predicted) == [1, 2, 4, 8, 16, 64]
@@ -124,13 +126,13 @@ def test_store_of_the_older_layout_is_refused(finished_store, tmp_path, capsys):
     shutil.copytree(finished_store, old)
     group = zarr.open_group(str(old), mode="r+")
     attributes = dict(group.attrs)
-    del attributes["layout_version"]
+    attributes["layout_version"] = 2
     group.attrs.put(attributes)
-    config = write_config(tmp_path / "c.yaml", tiny_raw(old, compute={"shard_size": 32}, cluster={"executor": "local"}))
+    config = write_config(tmp_path / "c.yaml", tiny_raw(old, **FINISHED))
     assert call("run", config) == 2
-    assert "layout version 1" in capsys.readouterr().err
+    assert "layout version 2" in capsys.readouterr().err
     assert call("status", str(old)) == 2
-    assert "layout version 1" in capsys.readouterr().err
+    assert "layout version 2" in capsys.readouterr().err
 
 
 def test_example_configs_are_valid():

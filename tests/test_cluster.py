@@ -5,11 +5,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from pipeline.coordinator import run
 from pipeline.store import ResultStore
+from tests.stores import assert_same_results
 from tests.cluster import LocalCluster, cluster_env
 from tests.conftest import tiny_config, tiny_raw, write_config
 
@@ -55,8 +55,7 @@ def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
     assert len(pids) == 2  # one actor per node: each node has one CPU
     local = out.parent / "local.zarr"  # the same config run in this process, without Ray: the same bits
     run(tiny_config(local, data={"num_examples": 768}, cluster={"executor": "local"}, validation={"samples": 0}), live=False)
-    for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(local), mode="r").arrays()):
-        np.testing.assert_array_equal(mine, theirs)
+    assert_same_results(out, local)
     job_id = done.stdout.split("submitted job ")[1].split()[0]
     status = hessdiag("status", job_id, "--address", cluster.dashboard, "--json", env=cluster.env)
     assert '"status": "SUCCEEDED"' in status.stdout
@@ -103,8 +102,5 @@ def test_node_killed_mid_run_costs_only_its_shards(submitted, cluster, tmp_path)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
     assert "will be retried" in output
-    mine = ResultStore.open(str(out), mode="r").arrays()
-    theirs = ResultStore.open(str(reference), mode="r").arrays()
-    for a, b in zip(mine, theirs):
-        np.testing.assert_array_equal(a, b)
+    assert_same_results(out, reference)
     assert os.path.isdir(out)

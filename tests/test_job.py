@@ -9,7 +9,8 @@ from pipeline.errors import BadInputError
 from pipeline.job import Job
 from pipeline.model import build_model
 from pipeline.store import ResultStore
-from tests.conftest import tiny_config
+from tests.stores import assert_same_results
+from tests.conftest import FINISHED, tiny_config
 
 
 class Scale(keras.layers.Layer):
@@ -26,16 +27,12 @@ def test_keras_file_and_npz_reproduce_the_builtin_run_bit_for_bit(finished_store
     np.savez(tmp_path / "d.npz", *(), **dict(zip("xy", reference.read(0, reference.examples))))
     config = tiny_config(
         tmp_path / "s.zarr",
+        **{**FINISHED, "validation": {"samples": 0}},
         model={"source": "keras_file", "path": str(tmp_path / "m.keras"), "builder": None},
         data={"source": "npz", "path": str(tmp_path / "d.npz"), "num_examples": None},
-        compute={"shard_size": 32},
-        cluster={"executor": "local"},
-        validation={"samples": 0},
     )
     run(config, live=False)
-    for mine, theirs in zip(ResultStore.open(str(tmp_path / "s.zarr"), mode="r").arrays(),
-                            ResultStore.open(str(finished_store), mode="r").arrays()):
-        np.testing.assert_array_equal(mine, theirs)
+    assert_same_results(tmp_path / "s.zarr", finished_store)
 
 
 def test_custom_objects_are_imported_by_name(tmp_path):
@@ -48,7 +45,8 @@ def test_custom_objects_are_imported_by_name(tmp_path):
         Job.load(tiny_config(tmp_path / "s.zarr", model=model, **options))
     job = Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Scale"]}, **options))
     # a layer type missing from the piecewise-linear table makes auto choose the exact engine, naming it
-    assert job.curvature.choice.name == "exact" and "(Scale)" in job.curvature.choice.reason
+    choice = job.curvature.choices["hidden/kernel"]
+    assert choice.name == "exact" and "(Scale)" in choice.reason
     with pytest.raises(BadInputError, match="custom object 'tests.test_job:Missing' cannot be imported"):
         Job.load(tiny_config(tmp_path / "s.zarr", model={**model, "custom_objects": ["tests.test_job:Missing"]}, **options))
 

@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline.coordinator import run
 from pipeline.errors import Interrupted
 from pipeline.stop_signals import install_stop_handlers, raise_if_stopped, restore_handlers
 from pipeline.store import ResultStore
+from tests.stores import assert_same_results
 from tests.cluster import free_port, kill_group, recorded_units
 from tests.conftest import tiny_config, tiny_raw, write_config
 
@@ -82,8 +82,7 @@ def test_signal_stops_the_run_cleanly_and_rerun_resumes(reference, tmp_path, sig
     if signum == signal.SIGTERM:
         result = run(tiny_config(out, **SLOW), live=False)
         assert len(result.skipped) >= done and len(result.computed) + len(result.skipped) == 6
-        for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(reference), mode="r").arrays()):
-            np.testing.assert_array_equal(mine, theirs)
+        assert_same_results(out, reference)
 
 
 def test_stale_latest_cluster_file_does_not_stop_a_local_run(reference, tmp_path):
@@ -99,8 +98,7 @@ def test_stale_latest_cluster_file_does_not_stop_a_local_run(reference, tmp_path
         else:
             RAY_CURRENT_CLUSTER.write_text(saved)
     assert done.returncode == 0, done.stderr[-3000:]
-    for mine, theirs in zip(ResultStore.open(str(out), mode="r").arrays(), ResultStore.open(str(reference), mode="r").arrays()):
-        np.testing.assert_array_equal(mine, theirs)
+    assert_same_results(out, reference)
 
 
 def _closed_port() -> int:

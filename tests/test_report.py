@@ -12,7 +12,8 @@ from pipeline.cli import main
 from pipeline.report import write_report
 from pipeline.store import ResultStore
 
-PLOTS = ["diagonal_heatmap.png", "channel_trace.png", "diagonal_histogram.png", "gradient_histogram.png", "validation_scatter.png"]
+PLOTS = ["average_trace.png", "saliency_histogram.png", "pruning.png", "heatmap_0.png", "heatmap_1.png", "heatmap_2.png",
+         "validation_scatter.png"]
 
 
 def test_report_writes_every_plot_and_matching_markdown(finished_store, tmp_path):
@@ -32,38 +33,65 @@ def test_report_writes_every_plot_and_matching_markdown(finished_store, tmp_path
     validation = store.attrs["validation"]
     assert f"max relative error {validation['max_rel_error']:.3e}" in text
     assert f"passed **{validation['passed']}**" in text
-    assert f"**{store.attrs['engine']}**" in text and store.attrs["engine_reason"] in text
-    for entry in validation["entries"]:
-        assert f"{entry['hessian_diagonal']:.6e}" in text and f"{entry['hessian_diagonal_fd']:.6e}" in text
+    result = pipeline.load_result(str(finished_store))
+    total = sum(float(np.sum(t.saliency)) for t in result.values())
+    for name, tensor in result.items():
+        trace = float(np.sum(tensor.hessian_diagonal))
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"| {trace:.4e} | {trace / tensor.hessian_diagonal.size:.4e} |" in row
+        assert f"| {float(np.sum(tensor.saliency)) / total:.2%} |" in row
+        assert tensor.attrs["engine_reason"] in text
     for name in PLOTS:
         assert f"]({name})" in text
+
+
+def test_global_pruning_fractions_match_a_brute_force_count(finished_store):
+    from pipeline.report import pruned_fractions, pruning_thresholds
+
+    result = pipeline.load_result(str(finished_store))
+    saliencies = [t.saliency for t in result.values()]
+    thresholds = pruning_thresholds(saliencies)
+    every = np.sort(np.concatenate([s.ravel() for s in saliencies]))
+    pruned = {level: 0 for level in thresholds}
+    for saliency in saliencies:
+        for level, fraction in pruned_fractions(saliency, thresholds).items():
+            pruned[level] += fraction * saliency.size
+    for level, count in pruned.items():  # the global threshold prunes that share of all weights (ties included)
+        assert count >= level * every.size - 1
+        assert count == np.sum(every <= thresholds[level])
 
 
 def test_status_of_partial_store_names_exactly_the_missing_shards(finished_store, tmp_path, capsys):
     partial = tmp_path / "partial.zarr"
     shutil.copytree(finished_store, partial)
-    shutil.rmtree(partial / "manifest" / "shard-00001")  # the group's sums are folded and gone: its units rerun
+    shutil.rmtree(partial / "manifest" / "t0004-s00001")  # the shared pass's sums are folded and gone: its units rerun
     with pytest.raises(SystemExit) as info:
         main(["status", str(partial), "--json"])
     assert info.value.code == 0
     status = json.loads(capsys.readouterr().out)
-    for field in ("store", "complete", "running", "shards_total", "shards_done", "missing", "corrupt", "engine",
-                  "engine_reason", "compute_seconds", "elapsed_seconds", "eta_seconds", "validation"):
+    for field in ("store", "complete", "running", "shards_total", "shards_done", "missing", "corrupt", "tensors",
+                  "compute_seconds", "elapsed_seconds", "eta_seconds", "validation"):
         assert field in status
-    assert status["missing"] == [1] and status["corrupt"] == [] and status["shards_done"] == 1
+    assert status["missing"] == ["t0004-s00001"] and status["corrupt"] == [] and status["shards_done"] == status["shards_total"] - 1
     assert status["complete"] is False and status["eta_seconds"] > 0 and status["units_done"] == 0
+    conv = next(t for t in status["tensors"] if t["name"] == "block2_conv1/kernel")
+    assert conv["shards_done"] == 1 and conv["shards_total"] == 2 and conv["engine"] == "factored"
     with pytest.raises(SystemExit):
         main(["status", str(partial)])
-    assert "missing shards: [1]" in capsys.readouterr().out
+    assert "missing shards: ['t0004-s00001']" in capsys.readouterr().out
 
 
-def test_load_result_and_xarray_agree(finished_store):
-    from pipeline.results import open_dataset
+def test_load_result_and_datatree_agree(finished_store):
+    from pipeline.results import open_datatree
 
     result = pipeline.load_result(str(finished_store))
-    ds = open_dataset(str(finished_store))
-    assert result.dims == ds["hessian_diagonal"].dims == ("kh", "kw", "in_channel", "out_channel")
-    np.testing.assert_array_equal(ds["hessian_diagonal"].values, result.hessian_diagonal)
+    tree = open_datatree(str(finished_store))
+    assert list(result) == result.attrs["targets"] and len(result) == 12
+    for name, tensor in result.items():
+        node = tree[f"params/{name}"]
+        assert tensor.dims == node["hessian_diagonal"].dims
+        np.testing.assert_array_equal(node["hessian_diagonal"].values, tensor.hessian_diagonal)
+        np.testing.assert_array_equal(node["channel_trace"].values, tensor.channel_trace)
     assert result.attrs["complete"] is True
 
 
@@ -92,9 +120,9 @@ def _text_boxes(fig):
 def test_no_text_in_any_plot_overlaps_another(finished_store):
     import matplotlib.pyplot as plt
 
-    from pipeline.report import figures
+    from pipeline.report import contents
 
-    for fig in figures(ResultStore.open(str(finished_store), mode="r")):
+    for _, _, fig in contents(ResultStore.open(str(finished_store), mode="r"))[1]:
         boxes = _text_boxes(fig)
         assert len(boxes) >= 5
         for i, (a, box_a) in enumerate(boxes):

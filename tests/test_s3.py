@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.coordinator import run
 from pipeline.store import ResultStore
+from tests.stores import assert_same_results
 from tests.cluster import free_port, kill_driver_when, start_driver
 from tests.conftest import tiny_config, tiny_raw, write_config
 
@@ -45,7 +46,7 @@ def s3():
 
 
 SLOWER = {"num_examples": 512}  # 8 units: enough to kill a run between them
-UNITS = [f"g00000-b{b:05d}" for b in range(8)]
+UNITS = [f"s-b{b:05d}" for b in range(8)]
 
 
 def s3_config(name, options, **sections):
@@ -53,12 +54,8 @@ def s3_config(name, options, **sections):
 
 
 def recorded_units(client, name):
-    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/units/g")  # not the parent group's own zarr.json
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{name}.zarr/units/s")  # not the parent group's own zarr.json
     return [item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith("zarr.json")]
-
-
-def arrays(url, options):
-    return ResultStore.open(url, options, mode="r").arrays()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +71,7 @@ def test_end_to_end_on_s3_matches_local_disk_and_keeps_no_secrets(s3, s3_run, tm
     assert result.passed and sorted(result.computed) == UNITS
     local = tiny_config(tmp_path / "local.zarr", data=SLOWER, cluster={"executor": "local"}, validation={"samples": 0})
     run(local, live=False)
-    for remote, disk in zip(arrays(config.output, options), ResultStore.open(str(tmp_path / "local.zarr"), mode="r").arrays()):
-        np.testing.assert_array_equal(remote, disk)
+    assert_same_results(config.output, tmp_path / "local.zarr", options)
     everything = b"".join(
         client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
         for item in client.list_objects_v2(Bucket=BUCKET, Prefix="full.zarr")["Contents"]
@@ -97,8 +93,7 @@ def test_driver_killed_then_resumed_on_s3(s3, s3_run, tmp_path):
     assert 1 <= len(before) < 8
     result = run(s3_config("resumed", options, validation={"samples": 0}), live=False)
     assert before <= set(result.skipped) and sorted(result.computed + result.skipped) == UNITS
-    for mine, theirs in zip(arrays(url, options), arrays(full.output, options)):
-        np.testing.assert_array_equal(mine, theirs)
+    assert_same_results(url, full.output, options, options)
 
 
 def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
@@ -106,13 +101,13 @@ def test_corrupted_object_is_detected_and_recomputed(s3, s3_run, capsys):
 
     client, options = s3
     _, full = s3_run
-    client.put_object(Bucket=BUCKET, Key="full.zarr/hessian_diagonal/c/0/0/0/6", Body=b"not a chunk")
+    client.put_object(Bucket=BUCKET, Key="full.zarr/params/block2_conv1/kernel/hessian_diagonal/c/0/0/0/6", Body=b"not a chunk")
     with pytest.raises(SystemExit):
         main(["status", full.output, "--json", "--storage-options", json.dumps(options)])
     status = json.loads(capsys.readouterr().out)
-    assert status["corrupt"] == [6] and status["complete"] is False
+    assert status["corrupt"] == ["t0000-s00006"] and status["complete"] is False
     result = run(full, live=False)
-    assert sorted(result.computed) == UNITS and result.recomputed_corrupt == [6] and result.passed
+    assert sorted(result.computed) == UNITS and result.recomputed_corrupt == ["t0000-s00006"] and result.passed
     store = ResultStore.open(full.output, options, mode="r")
     _, corrupt, missing = store.verify(store.plan)
     assert not corrupt and not missing
@@ -136,6 +131,5 @@ def test_zarr_data_set_on_s3_gives_the_same_store_as_npz(s3, tmp_path):
         config = tiny_config(out, storage_options=options, data={**data, "batch_size": 32},
                              compute={"example_block": 32}, cluster={"executor": "local"}, validation={"samples": 0})
         run(config, live=False)
-        stores.append(ResultStore.open(str(out), mode="r").arrays())
-    for a, b in zip(*stores):
-        np.testing.assert_array_equal(a, b)
+        stores.append(out)
+    assert_same_results(*stores)

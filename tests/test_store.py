@@ -6,45 +6,47 @@ import pytest
 import xarray as xr
 
 from pipeline.errors import BadInputError
-from pipeline.plan import plan_shards
-from pipeline.store import ResultStore, check_writable, shard_checksum
+from pipeline.plan import TensorPlan, plan_units
+from pipeline.store import RESULT_ARRAYS, ResultStore, check_writable, checksum_of
+
+KERNEL = TensorPlan("conv/kernel", (3, 3, 2, 10), 3, ("kh", "kw", "in_channel", "out_channel"), True, False, False)
 
 
 @pytest.fixture
 def store(tmp_path):
-    plan = plan_shards((3, 3, 2, 10), 4)
+    plan = plan_units((KERNEL,), 4)
     return ResultStore.create(str(tmp_path / "s.zarr"), {}, plan, {"config_fingerprint": "x"}), plan
 
 
 def _values(shard, seed):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(3, 3, 2, shard.width)), rng.normal(size=(3, 3, 2, shard.width))
+    return {name: rng.normal(size=(3, 3, 2, shard.width)) for name in RESULT_ARRAYS}
 
 
 def test_written_shard_verifies_and_reads_back(store):
     s, plan = store
     for shard in plan.shards[:2]:
-        grad, diag = _values(shard, shard.index)
-        checksum = s.write_shard(shard, grad, diag)
-        assert checksum == shard_checksum(grad, diag)
+        values = _values(shard, shard.index)
+        checksum = s.write_shard(plan, shard, values)
+        assert checksum == checksum_of(values[name] for name in RESULT_ARRAYS)
         s.record_done(shard, checksum, seconds=1.0)
-        np.testing.assert_array_equal(s.read_shard(shard)[1], diag)
+        np.testing.assert_array_equal(s.read_shard(plan, shard)["hessian_diagonal"], values["hessian_diagonal"])
     done, corrupt, missing = s.verify(plan)
     assert [x.index for x in done] == [0, 1] and not corrupt and [x.index for x in missing] == [2]
 
 
 def test_written_but_unrecorded_shard_is_not_done(store):
     s, plan = store
-    s.write_shard(plan.shards[0], *_values(plan.shards[0], 0))
+    s.write_shard(plan, plan.shards[0], _values(plan.shards[0], 0))
     assert [x.index for x in s.verify(plan)[2]] == [0, 1, 2]
 
 
 def test_corrupted_and_deleted_chunks_are_detected(store, tmp_path):
     s, plan = store
     for shard in plan.shards:
-        s.record_done(shard, s.write_shard(shard, *_values(shard, shard.index)))
-    s.group["hessian_diagonal"][0, 0, 0, 5] = 123.0  # shard 1 altered in place
-    os.remove(tmp_path / "s.zarr" / "gradient" / "c" / "0" / "0" / "0" / "2")  # shard 2's gradient chunk deleted
+        s.record_done(shard, s.write_shard(plan, shard, _values(shard, shard.index)))
+    s.tensor_group("conv/kernel")["hessian_diagonal"][0, 0, 0, 5] = 123.0  # shard 1 altered in place
+    os.remove(tmp_path / "s.zarr" / "params" / "conv" / "kernel" / "gradient" / "c" / "0" / "0" / "0" / "2")  # shard 2's
     done, corrupt, missing = s.verify(plan)
     assert [x.index for x in done] == [0] and [x.index for x in corrupt] == [1, 2] and not missing
     s.forget(plan.shards[1])
@@ -54,11 +56,11 @@ def test_corrupted_and_deleted_chunks_are_detected(store, tmp_path):
 def test_xarray_reads_arrays_with_dimension_names(store, tmp_path):
     s, plan = store
     for shard in plan.shards:
-        s.record_done(shard, s.write_shard(shard, *_values(shard, shard.index)))
-    ds = xr.open_zarr(str(tmp_path / "s.zarr"), consolidated=False)
-    assert set(ds.data_vars) == {"gradient", "hessian_diagonal"}
+        s.record_done(shard, s.write_shard(plan, shard, _values(shard, shard.index)))
+    ds = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr", consolidated=False)["params/conv/kernel"].to_dataset()
+    assert set(ds.data_vars) == set(RESULT_ARRAYS)
     assert ds["hessian_diagonal"].dims == ("kh", "kw", "in_channel", "out_channel")
-    np.testing.assert_array_equal(ds["gradient"].values[..., 4:8], s.read_shard(plan.shards[1])[0])
+    np.testing.assert_array_equal(ds["gradient"].values[..., 4:8], s.read_shard(plan, plan.shards[1])["gradient"])
 
 
 def test_lock_refuses_second_coordinator_and_recovers_stale_lock(store):

@@ -9,25 +9,20 @@ from pipeline.curvature.autodiff import (
     rowwise_hessian_diagonal,
 )
 from pipeline.curvature.finite_diff import FiniteDifferences, finite_difference_derivatives, float64_clone
-from pipeline.curvature.layer import (
-    ENGINES,
-    Derivatives,
-    EngineChoice,
-    LayerCurvature,
-    batches_of,
-    choose_engine,
-    layer_derivatives,
-)
+from pipeline.curvature.engines import ENGINES as ENGINE_FLAGS, EngineChoice, choose_engine
+from pipeline.curvature.layer import ENGINES, Derivatives, LayerCurvature, TensorCurvature, batches_of, layer_derivatives
 from pipeline.curvature.suffix import SuffixCheck, check_suffix
 
 __all__ = [
     "ENGINES",
+    "ENGINE_FLAGS",
     "Derivatives",
     "EngineChoice",
     "FiniteDifferences",
     "FlatHessian",
     "LayerCurvature",
     "SuffixCheck",
+    "TensorCurvature",
     "batches_of",
     "check_suffix",
     "choose_engine",

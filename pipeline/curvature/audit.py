@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
-from pipeline.curvature.layer_rules import ACTIVATION_RULES, LAYER_RULES, second_order_rules
+from pipeline.curvature.layer_facts import ACTIVATIONS, FACTS, second_order_rules
 
 TABLE_PATH = Path(__file__).with_name("audit_table.json")
 RTOL = 1e-5
@@ -80,13 +80,19 @@ def audit_function(fn: Callable[[list[tf.Tensor]], object], shapes: Sequence[tup
 
     diag_ids = rng.choice(total, size=min(entries, total), replace=False)
     pair_ids = [tuple(rng.choice(total, size=2, replace=False)) for _ in range(pairs if total > 1 else 0)]
-    points, eye = [theta0], np.eye(total)
+    points = [theta0]
+
+    def unit(i):
+        e = np.zeros(total)
+        e[i] = 1.0
+        return e
+
     for i in diag_ids:
         for h in (step, step / 2):
-            points += [theta0 + h * eye[i], theta0 - h * eye[i]]
+            points += [theta0 + h * unit(i), theta0 - h * unit(i)]
     for i, j in pair_ids:
         for h in (step, step / 2):
-            points += [theta0 + h * (si * eye[i] + sj * eye[j]) for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+            points += [theta0 + h * (si * unit(i) + sj * unit(j)) for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
     values = scalar(tf.constant(np.stack(points))).numpy()
     base, cursor = values[0], 1
     quotients = []  # (D(h), D(h/2)) per entry
@@ -108,7 +114,7 @@ def audit_function(fn: Callable[[list[tf.Tensor]], object], shapes: Sequence[tup
     scale = max(float(np.abs(reference).max()), 1e-8)
     smooth = np.abs(quotients[:, 0] - quotients[:, 1]) <= 1e-3 * scale + 1e-6
 
-    directions = np.stack([eye[i] for i in diag_ids] + [eye[j] for _, j in pair_ids])
+    directions = np.stack([unit(i) for i in diag_ids] + [unit(j) for _, j in pair_ids])
     rows = np.array(list(diag_ids) + [i for i, _ in pair_ids])
     if not smooth.any():
         return AuditResult(label, False, math.inf, 0, "no sampled entry is smooth")
@@ -201,102 +207,11 @@ class LayerCase:
 
 
 F64 = {"dtype": "float64"}
-VEC, SEQ, IMG, VOL = (6,), (4, 6), (5, 5, 4), (4, 4, 4, 2)
 _L = keras.layers
-
-
-def _layer(label, make, *shapes, call=None, key=None):
-    make_f64 = lambda: make(**F64)  # noqa: E731
-    key = key or label.split("(")[0]
-    return LayerCase(label, "layer", key, make_f64, shapes, call) if call else LayerCase(label, "layer", key, make_f64, shapes)
-
-
-def _self_attention(layer, xs):
-    return layer(xs[0], xs[0], training=False)
-
-
-LAYER_CASES: tuple[LayerCase, ...] = (
-    _layer("Dense", lambda **k: _L.Dense(5, **k), VEC),
-    _layer("EinsumDense", lambda **k: _L.EinsumDense("...b,bc->...c", output_shape=5, bias_axes="c", **k), SEQ),
-    _layer("Conv1D", lambda **k: _L.Conv1D(3, 3, **k), SEQ),
-    _layer("Conv2D", lambda **k: _L.Conv2D(3, 3, padding="same", **k), IMG),
-    _layer("Conv2D(strided, dilated)", lambda **k: _L.Conv2D(3, 2, strides=2, **k), IMG),
-    _layer("Conv3D", lambda **k: _L.Conv3D(2, 2, **k), VOL),
-    _layer("DepthwiseConv2D", lambda **k: _L.DepthwiseConv2D(3, **k), IMG),
-    _layer("SeparableConv2D", lambda **k: _L.SeparableConv2D(3, 3, **k), IMG),
-    _layer("Conv2DTranspose", lambda **k: _L.Conv2DTranspose(3, 3, **k), IMG),
-    _layer("Conv1DTranspose", lambda **k: _L.Conv1DTranspose(3, 3, **k), SEQ),
-    _layer("DepthwiseConv1D", lambda **k: _L.DepthwiseConv1D(3, **k), SEQ),
-    _layer("SeparableConv1D", lambda **k: _L.SeparableConv1D(3, 3, **k), SEQ),
-    _layer("MaxPooling1D", lambda **k: _L.MaxPooling1D(**k), SEQ),
-    _layer("MaxPooling1D(2, strides 1, same)", lambda **k: _L.MaxPooling1D(2, strides=1, padding="same", **k), (6, 3)),
-    _layer("MaxPooling2D", lambda **k: _L.MaxPooling2D(**k), IMG),
-    _layer("MaxPooling2D(2, strides 1, same)", lambda **k: _L.MaxPooling2D(2, strides=1, padding="same", **k), (6, 6, 3)),
-    _layer("MaxPooling2D(3, strides 2)", lambda **k: _L.MaxPooling2D(3, strides=2, **k), IMG),
-    _layer("MaxPooling3D", lambda **k: _L.MaxPooling3D(**k), VOL),
-    _layer("AveragePooling1D", lambda **k: _L.AveragePooling1D(2, **k), SEQ),
-    _layer("AveragePooling2D", lambda **k: _L.AveragePooling2D(2, **k), IMG),
-    _layer("AveragePooling2D(3, strides 1, same)", lambda **k: _L.AveragePooling2D(3, strides=1, padding="same", **k), IMG),
-    _layer("AveragePooling3D", lambda **k: _L.AveragePooling3D(2, **k), VOL),
-    _layer("GlobalMaxPooling1D", lambda **k: _L.GlobalMaxPooling1D(**k), SEQ),
-    _layer("GlobalMaxPooling2D", lambda **k: _L.GlobalMaxPooling2D(**k), IMG),
-    _layer("GlobalMaxPooling3D", lambda **k: _L.GlobalMaxPooling3D(**k), VOL),
-    _layer("GlobalAveragePooling1D", lambda **k: _L.GlobalAveragePooling1D(**k), SEQ),
-    _layer("GlobalAveragePooling2D", lambda **k: _L.GlobalAveragePooling2D(**k), IMG),
-    _layer("GlobalAveragePooling3D", lambda **k: _L.GlobalAveragePooling3D(**k), VOL),
-    _layer("Flatten", lambda **k: _L.Flatten(**k), IMG),
-    _layer("Reshape", lambda **k: _L.Reshape((25, 4), **k), IMG),
-    _layer("Permute", lambda **k: _L.Permute((2, 1), **k), SEQ),
-    _layer("RepeatVector", lambda **k: _L.RepeatVector(3, **k), VEC),
-    _layer("ZeroPadding1D", lambda **k: _L.ZeroPadding1D(1, **k), SEQ),
-    _layer("ZeroPadding2D", lambda **k: _L.ZeroPadding2D(1, **k), IMG),
-    _layer("ZeroPadding3D", lambda **k: _L.ZeroPadding3D(1, **k), VOL),
-    _layer("Cropping1D", lambda **k: _L.Cropping1D(1, **k), SEQ),
-    _layer("Cropping2D", lambda **k: _L.Cropping2D(1, **k), IMG),
-    _layer("Cropping3D", lambda **k: _L.Cropping3D(1, **k), VOL),
-    _layer("UpSampling1D", lambda **k: _L.UpSampling1D(2, **k), SEQ),
-    _layer("UpSampling2D", lambda **k: _L.UpSampling2D(2, **k), IMG),
-    _layer("UpSampling3D", lambda **k: _L.UpSampling3D(2, **k), VOL),
-    _layer("Add", lambda **k: _L.Add(**k), VEC, VEC),
-    _layer("Subtract", lambda **k: _L.Subtract(**k), VEC, VEC),
-    _layer("Multiply", lambda **k: _L.Multiply(**k), VEC, VEC),
-    _layer("Average", lambda **k: _L.Average(**k), VEC, VEC),
-    _layer("Maximum", lambda **k: _L.Maximum(**k), VEC, VEC),
-    _layer("Minimum", lambda **k: _L.Minimum(**k), VEC, VEC),
-    _layer("Concatenate", lambda **k: _L.Concatenate(**k), VEC, VEC),
-    _layer("Dot", lambda **k: _L.Dot(axes=1, **k), VEC, VEC),
-    _layer("Dot(normalize)", lambda **k: _L.Dot(axes=1, normalize=True, **k), VEC, VEC),
-    _layer("BatchNormalization", lambda **k: _L.BatchNormalization(**k), IMG),
-    _layer("LayerNormalization", lambda **k: _L.LayerNormalization(**k), VEC),
-    _layer("LayerNormalization(axis=(1, 2))", lambda **k: _L.LayerNormalization(axis=(1, 2), **k), SEQ),
-    _layer("LayerNormalization(no center, no scale)", lambda **k: _L.LayerNormalization(center=False, scale=False, **k), SEQ),
-    _layer("LayerNormalization(rms_scaling)", lambda **k: _L.LayerNormalization(rms_scaling=True, **k), VEC),
-    _layer("GroupNormalization", lambda **k: _L.GroupNormalization(groups=2, **k), IMG),
-    _layer("GroupNormalization(groups=-1)", lambda **k: _L.GroupNormalization(groups=-1, **k), SEQ),
-    _layer("RMSNormalization", lambda **k: _L.RMSNormalization(**k), SEQ),
-    _layer("UnitNormalization", lambda **k: _L.UnitNormalization(**k), SEQ),
-    _layer("Dropout", lambda **k: _L.Dropout(0.5, **k), VEC),
-    _layer("SpatialDropout1D", lambda **k: _L.SpatialDropout1D(0.5, **k), SEQ),
-    _layer("SpatialDropout2D", lambda **k: _L.SpatialDropout2D(0.5, **k), IMG),
-    _layer("SpatialDropout3D", lambda **k: _L.SpatialDropout3D(0.5, **k), VOL),
-    _layer("GaussianDropout", lambda **k: _L.GaussianDropout(0.5, **k), VEC),
-    _layer("GaussianNoise", lambda **k: _L.GaussianNoise(0.5, **k), VEC),
-    _layer("AlphaDropout", lambda **k: _L.AlphaDropout(0.5, **k), VEC),
-    _layer("ActivityRegularization", lambda **k: _L.ActivityRegularization(l2=0.1, **k), VEC),
-    _layer("Identity", lambda **k: _L.Identity(**k), VEC),
-    _layer("ReLU", lambda **k: _L.ReLU(**k), VEC),
-    _layer("LeakyReLU", lambda **k: _L.LeakyReLU(**k), VEC),
-    _layer("PReLU", lambda **k: _L.PReLU(**k), VEC),
-    _layer("ELU", lambda **k: _L.ELU(**k), VEC),
-    _layer("Softmax", lambda **k: _L.Softmax(**k), VEC),
-    _layer("MultiHeadAttention", lambda **k: _L.MultiHeadAttention(num_heads=2, key_dim=3, **k), SEQ, call=_self_attention),
-    _layer("GroupQueryAttention", lambda **k: _L.GroupQueryAttention(head_dim=3, num_query_heads=2, num_key_value_heads=1, **k),
-           SEQ, call=_self_attention),
-    _layer("Attention", lambda **k: _L.Attention(**k), SEQ, SEQ),
-    _layer("AdditiveAttention", lambda **k: _L.AdditiveAttention(**k), SEQ, SEQ),
-    _layer("SimpleRNN", lambda **k: _L.SimpleRNN(3, **k), SEQ),
-    _layer("GRU", lambda **k: _L.GRU(3, **k), SEQ),
-    _layer("LSTM", lambda **k: _L.LSTM(3, **k), SEQ),
+# Every layer type's audit configurations, from its facts, in the table's order; keyed by their name in keras.layers.
+LAYER_CASES: tuple[LayerCase, ...] = tuple(
+    LayerCase(case.label, "layer", case.label.split("(")[0], lambda case=case: case.make(**F64), case.shapes, case.call)
+    for facts in FACTS.values() for case in facts.audit
 )
 
 def _takes_one_tensor(fn) -> bool:
@@ -311,14 +226,17 @@ ACTIVATION_NAMES = tuple(
     and _takes_one_tensor(getattr(keras.activations, name))
 )
 ACTIVATION_CASES: tuple[LayerCase, ...] = tuple(
-    LayerCase(name, "activation", name, lambda name=name: _L.Activation(name, dtype="float64"), (VEC,))
+    LayerCase(name, "activation", name, lambda name=name: _L.Activation(name, dtype="float64"), ((6,),))
     for name in ACTIVATION_NAMES
 )
 REGISTERED_CASES = LAYER_CASES + ACTIVATION_CASES
 
 
 def _rule_of(case: LayerCase) -> tuple | None:
-    return LAYER_RULES.get(getattr(_L, case.key, None)) if case.kind == "layer" else ACTIVATION_RULES.get(case.key)
+    if case.kind == "layer":
+        return FACTS[getattr(_L, case.key)].second_order
+    facts = ACTIVATIONS.get(case.key)
+    return None if facts is None else facts.second_order
 
 
 def _audit(case: LayerCase) -> tuple[dict, dict]:

@@ -1,23 +1,26 @@
-"""Factor columns: the columns s_c of the loss-Hessian factor back-propagated to the target's z, V_c = Jᵀ s_c.
+"""Factor columns: the columns s_c of the loss-Hessian factor back-propagated through the suffix, V_c = Jᵀ s_c.
 
-Two ways, with the same values: vectorized autodiff through any suffix (``factor_columns``),
-or, where every layer after the target has a transposed-Jacobian rule (``layer_rules``), one
-batched op per layer for a whole chunk of columns, walking the Keras graph after the target
-backwards and summing where branches meet (``rule_graph``). One forward pass serves every
-chunk; it also gives the loss gradient as one more column and the target's input patches.
+One forward pass through the ``Suffix`` after the targets (each step by its transpose rule, which
+keeps what its Jacobian needs: ReLU masks, max-pool routing, stage inputs) serves every chunk of
+columns of those examples; it also gives the loss, the loss-Hessian factor and the loss gradient
+(one more column). Each chunk then goes backwards once through every step, as one batched op per
+step, summing where branches meet, and is captured at each target's stage on the way: one pass
+serves every target. ``factor_columns`` computes the same columns by vectorized autodiff through
+the whole model, for one target (a reference, and the Monte-Carlo estimator).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
-from pipeline.curvature.layer_rules import IDENTITY_RULE, activation_name, activation_slope, transpose_rule
-from pipeline.curvature.problem import Problem, logits_output, output_layer
+from pipeline.curvature.graph import Suffix
+from pipeline.curvature.problem import logits_output
+from pipeline.losses import Loss
 
 
 def logits_if_peeled(model, peel_softmax: bool):
@@ -30,153 +33,130 @@ def with_zero_column(factor: tf.Tensor) -> tf.Tensor:
     return tf.concat([factor, tf.zeros_like(factor[:, :, :1])], axis=2)
 
 
-def factor_columns(problem: Problem, x, y, column_ids, start, stop, peel_softmax: bool, factor_fn=None) -> tf.Tensor:
-    """V_c = Jᵀ s_c for the given factor columns, restricted to channels start:stop: (K, N, S, O).
+def factor_columns(problem, x, y, column_ids, start, stop, peel_softmax: bool, factor_fn=None) -> tf.Tensor:
+    """V_c = Jᵀ s_c at one target's z for the given factor columns, z channels start:stop: (K, N, S, O).
 
     ``factor_fn(logits, y)`` gives the factor (N, C, K); the loss's exact factor by default.
     """
     target = problem.target
-    a = target.layer_input(x)
-    delta = tf.zeros_like(target.pre_activation(a))
+    u = target.input_stage(x)
+    delta = tf.zeros_like(target.pre_activation(u))
     peel = logits_if_peeled(target.model, peel_softmax)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(delta)
         with peel:
             logits = tf.reshape(problem.outputs(x, delta), (tf.shape(x)[0], -1))
-    factor = (factor_fn or problem.loss.hessian_factor)(logits, y)
-    factor = with_zero_column(factor)
+    factor = with_zero_column((factor_fn or problem.loss.hessian_factor)(logits, y))
 
     def column(c):
         v = tape.gradient(logits, delta, output_gradients=tf.gather(factor, c, axis=2))
-        return target.flat_output(v)[:, :, start:stop]
+        return target.flat(v)[:, :, start:stop]
 
     return tf.vectorized_map(column, column_ids)
 
 
-@dataclass(frozen=True)
-class RuleGraph:
-    """The layers after the target, each with its transpose rule, in an order that evaluates every input first.
+class Forward(NamedTuple):
+    """What one forward pass through a suffix leaves for the column chunks of its examples.
 
-    ``steps`` are (Keras node, rule); ``feeds`` the tensors the steps read that do not depend on the
-    target (the target's input first), computed by ``feed_model`` when there are others;
-    ``downstream`` the ids of the tensors that do depend on it, from ``start`` (the target's
-    output) to ``end`` (the model's output).
+    ``saved``: each step's rule state; ``factor`` (N, C, K + 2): the loss-Hessian factor with a zero
+    column K (pads chunks) and the loss gradient as column K + 1; ``loss``: the summed loss.
     """
 
-    steps: tuple
-    feeds: tuple
-    start: object
-    end: object
-    downstream: frozenset
-    feed_model: keras.Model | None
+    saved: tuple
+    factor: tf.Tensor
+    output_shape: tf.Tensor
+    loss: tf.Tensor
 
 
-def rule_graph(problem: Problem, peel_softmax: bool) -> RuleGraph | None:
-    """The ``RuleGraph`` after the target when transpose rules cover every layer there (a peeled final
-    softmax counts as the identity) and each is called once; else None.
-
-    Then the factor columns go back through one batched op per layer, branches summing where they
-    meet (``rule_columns``); any other suffix uses autodiff (``factor_columns``).
-    """
-    target = problem.target
-    model, last = target.model, output_layer(target.model)
-    nodes_by_depth = getattr(getattr(model, "_functional", model), "_nodes_by_depth", None)  # a Sequential wraps a Functional
-    if nodes_by_depth is None or len(target.layer._inbound_nodes) != 1:
-        return None
-    first = target.layer._inbound_nodes[0]
-    start, feeds, steps = first.outputs[0], [first.input_tensors[0]], []
-    downstream = {id(start)}
-    with logits_if_peeled(model, peel_softmax):
-        for depth in sorted(nodes_by_depth, reverse=True):
-            for node in nodes_by_depth[depth]:
-                if not any(id(t) in downstream for t in node.input_tensors):
-                    continue
-                layer = node.operation
-                peeled = peel_softmax and layer is last and isinstance(layer, keras.layers.Softmax)
-                rule = IDENTITY_RULE if peeled else transpose_rule(layer)
-                if rule is None or len(layer._inbound_nodes) != 1 or len(node.outputs) != 1:
-                    return None
-                steps.append((node, rule))
-                downstream.add(id(node.outputs[0]))
-                feeds += [t for t in node.input_tensors if id(t) not in downstream and all(t is not f for f in feeds)]
-    end = model.outputs[0]
-    if id(end) not in downstream:
-        return None
-    feed_model = keras.Model(model.inputs, feeds) if len(feeds) > 1 else None
-    return RuleGraph(tuple(steps), tuple(feeds), start, end, frozenset(downstream), feed_model)
+def evaluate(steps, values: dict) -> None:
+    """Run ``steps`` as the model does (inference mode), reading and writing tensor values by id."""
+    for step in steps:
+        if step.operation is None:
+            values[step.outputs[0]] = values[step.inputs[0]]
+            continue
+        args, kwargs = step.node.arguments.fill_in(values)
+        out = step.operation(*args, **kwargs)
+        for tensor, value in zip(step.outputs, tf.nest.flatten(out)):
+            values[tensor] = value
 
 
-def rule_forward(problem: Problem, graph: RuleGraph, x, y, peel_softmax: bool) -> tuple:
-    """One forward pass through a ``rule_graph``, shared by every column chunk of these examples:
-    the state the transposes need (with the loss-Hessian factor (N, C, K + 2): a zero column K pads
-    column chunks, column K + 1 is the loss gradient), the target's input patches, the summed loss."""
-    target = problem.target
-    if graph.feed_model is None:
-        fed = [target.layer_input(x)]
-    else:
-        fed = tf.nest.flatten(graph.feed_model(x, training=False))
-    values = {id(t): value for t, value in zip(graph.feeds, fed)}
-    a = fed[0]
-    z = target.pre_activation(a)
+def suffix_forward(suffix: Suffix, model: keras.Model, loss: Loss, x, y, peel_softmax: bool, factor_fn=None) -> Forward:
+    """The prefix (plain), then every suffix step by its rule, then the loss and its factor."""
+    values = {tensor: value for tensor, value in zip(suffix.inputs, tf.nest.flatten(x))}
+    evaluate(suffix.prefix, values)
     saved = []
-    with logits_if_peeled(target.model, peel_softmax):
-        values[id(graph.start)] = target.layer.activation(z)
-        for node, rule in graph.steps:
-            args, _ = node.arguments.fill_in(values)
-            values[id(node.outputs[0])], kept = rule.forward(node.operation, args[0])
+    with logits_if_peeled(model, peel_softmax):
+        for step, rule in zip(suffix.steps, suffix.rules):
+            if step.operation is None:
+                values[step.outputs[0]] = values[step.inputs[0]]
+                saved.append(None)
+                continue
+            args, _ = step.node.arguments.fill_in(values)
+            values[step.outputs[0]], kept = rule.forward(step.operation, args[0])
             saved.append(kept)
-    h = values[id(graph.end)]
+    h = values[suffix.output]
     outputs = tf.reshape(h, (tf.shape(x)[0], -1))
-    loss = dataclasses.replace(problem.loss, from_logits=True) if peel_softmax else problem.loss
+    loss_fn = dataclasses.replace(loss, from_logits=True) if peel_softmax else loss
     with tf.GradientTape() as tape:
         tape.watch(outputs)
-        total = tf.reduce_sum(loss.per_example(outputs, y))
-    factor = tf.concat([with_zero_column(problem.loss.hessian_factor(outputs, y)), tape.gradient(total, outputs)[:, :, None]], 2)
-    return (saved, activation_slope(activation_name(target.layer), z), factor, tf.shape(h)[1:]), target.patches(a), total
+        total = tf.reduce_sum(loss_fn.per_example(outputs, y))
+    factor = (factor_fn or loss.hessian_factor)(outputs, y)
+    factor = tf.concat([with_zero_column(factor), tape.gradient(total, outputs)[:, :, None]], 2)
+    return Forward(tuple(saved), factor, tf.shape(h)[1:], total)
 
 
-def rule_backward(problem: Problem, graph: RuleGraph, forward: tuple, column_ids, start, stop) -> tf.Tensor:
-    """The factor columns ``column_ids`` back-propagated through a ``rule_graph``: (K, N, S, stop - start)."""
-    _, _, factor, output_shape = forward
-    v = tf.transpose(tf.gather(factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
-    return _through_graph(problem, graph, forward, tf.reshape(v, tf.concat([tf.shape(v)[:2], output_shape], 0)), start, stop)
+def stage_inputs(suffix: Suffix, forward: Forward, layer) -> tuple:
+    """The inputs of ``layer``'s stages in this forward pass (the patches' sources)."""
+    return forward.saved[suffix.target_steps[id(layer)]][0]
 
 
-def rule_support(problem: Problem, graph: RuleGraph, forward: tuple, start, stop) -> tf.Tensor:
-    """(N, O, A) positions, per example and channel, outside which every factor column vanishes.
+def site_key(layer, stage: int) -> str:
+    """The key of a target layer's stage in ``backward``'s result."""
+    return f"{id(layer)}:{stage}"
 
-    Ones pushed back through |Jᵀ| (every weight by its magnitude) cannot cancel, so they are positive
-    wherever any column can be nonzero: ReLU masks and max-pool routing, which do not depend on the
-    column, decide the support. A is the largest support; smaller ones are padded with positions
-    where the columns vanish.
+
+def backward(suffix: Suffix, forward: Forward, column_ids: tf.Tensor | None, magnitude: bool = False) -> dict:
+    """The factor columns ``column_ids`` (or, with ``magnitude``, ones for every output) back-propagated
+    through the suffix: {``site_key``: cotangents (K, N, ...) at that stage's z} for every target layer.
+
+    With ``magnitude`` each step goes through |Jᵀ|, so positive cotangents reach, without cancellation,
+    every entry any column can reach; a stage reached through a step that cannot give |Jᵀ| maps to None.
     """
-    _, _, factor, output_shape = forward
-    ones = tf.ones(tf.concat([[1, tf.shape(factor)[0]], output_shape], 0), factor.dtype)
-    reach = _through_graph(problem, graph, forward, ones, start, stop, magnitude=True)[0]
-    return support_positions(tf.transpose(reach > 0, (0, 2, 1)))
-
-
-def _through_graph(problem: Problem, graph: RuleGraph, forward: tuple, v, start, stop, magnitude: bool = False) -> tf.Tensor:
-    """Cotangents (K, N, ...) of the model output back to the target's z, summed where branches meet."""
-    saved, mask, _, _ = forward
-    cotangents = {id(graph.end): v}
-    for (node, rule), kept in zip(reversed(graph.steps), reversed(saved)):
-        g = cotangents.pop(id(node.outputs[0]), None)
+    if magnitude:
+        v = tf.ones(tf.concat([[1, tf.shape(forward.factor)[0]], forward.output_shape], 0), forward.factor.dtype)
+    else:
+        v = tf.transpose(tf.gather(forward.factor, column_ids, axis=2), (2, 0, 1))  # (K, N, C)
+        v = tf.reshape(v, tf.concat([tf.shape(v)[:2], forward.output_shape], 0))
+    cotangents, unknown = {suffix.output: v}, set()
+    captured: dict = {}
+    targets = set(suffix.target_steps.values())
+    for index in reversed(range(len(suffix.steps))):
+        step, rule = suffix.steps[index], suffix.rules[index]
+        g = cotangents.pop(step.outputs[0], None)
         if g is None:  # a branch that does not reach the output
             continue
-        inputs = node.input_tensors
-        parts = rule.transpose(node.operation, kept, g, magnitude)
-        for tensor, part in zip(inputs, parts if len(inputs) > 1 else [parts]):
-            if id(tensor) in graph.downstream:
-                cotangents[id(tensor)] = cotangents[id(tensor)] + part if id(tensor) in cotangents else part
-    v = cotangents[id(graph.start)]
-    v = v if mask is None else v * mask
-    return tf.reshape(v, (tf.shape(v)[0], tf.shape(v)[1], -1, problem.target.out_channels))[..., start:stop]
-
-
-def rule_columns(problem: Problem, graph: RuleGraph, x, y, column_ids, start, stop, peel_softmax: bool) -> tf.Tensor:
-    """``factor_columns`` through a ``rule_graph``: (K, N, S, O), the same values."""
-    return rule_backward(problem, graph, rule_forward(problem, graph, x, y, peel_softmax)[0], column_ids, start, stop)
+        lost = step.outputs[0] in unknown
+        if step.operation is None:
+            parts = [g]
+        elif index in targets:
+            sites: dict = {}
+            needed = any(i in suffix.downstream for i in step.inputs)
+            parts = [rule.transpose(step.operation, forward.saved[index], g, magnitude, sites=sites, need_input=needed)]
+            for stage, cotangent in sites.items():
+                captured[site_key(step.operation, stage)] = None if lost else cotangent
+            if not needed:
+                continue
+        else:
+            parts = rule.transpose(step.operation, forward.saved[index], g, magnitude)
+            parts = parts if len(step.inputs) > 1 else [parts]
+            lost = lost or (magnitude and not rule.exact_magnitude)
+        for tensor, part in zip(step.inputs, parts):
+            if tensor not in suffix.downstream:
+                continue
+            cotangents[tensor] = cotangents[tensor] + part if tensor in cotangents else part
+            if lost:
+                unknown.add(tensor)
+    return captured
 
 
 def support_positions(active: tf.Tensor) -> tf.Tensor:

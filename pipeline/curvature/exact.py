@@ -27,78 +27,83 @@ import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.problem import Problem
+from pipeline.curvature.target import channel_patches
 
 log = logging.getLogger(__name__)
 
 
-def entry_curvatures(problem: Problem, x, y, p_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
-    """Sum over the batch of H_W[j, j] for the entries j = (p_ids[k], o_ids[k])."""
+def entry_curvatures(problem: Problem, x, y, f_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
+    """Sum over the batch of H_W[j, j] for the entries j = (feature f_ids[k], z channel o_ids[k])."""
     target = problem.target
-    a = target.layer_input(x)
-    patches = target.patches(a)
-    z = target.pre_activation(a)
-    channels = z.shape[-1]
+    u_in = target.input_stage(x)
+    patches = target.patches(u_in)  # (N, S, G, F)
+    z = target.pre_activation(u_in)
+    channels, per_group = target.z_channels, target.z_channels // target.weight.groups
 
     def loss_of(delta):
         return problem.loss_sum(x, y, delta)
 
     def one(ids):
-        column = tf.gather(patches, ids[0], axis=2)
+        column = tf.gather(tf.gather(patches, ids[1] // per_group, axis=2), ids[0], axis=2)  # (N, S)
         u = tf.reshape(column[:, :, None] * tf.one_hot(ids[1], channels, dtype=z.dtype), tf.shape(z))
-        hu = target.flat_output(hvp(loss_of, tf.zeros_like(z), u))
+        hu = target.flat(hvp(loss_of, tf.zeros_like(z), u))
         return tf.reduce_sum(column * tf.gather(hu, ids[1], axis=2))
 
-    return tf.vectorized_map(one, tf.stack([p_ids, o_ids], axis=1))
+    return tf.vectorized_map(one, tf.stack([f_ids, o_ids], axis=1))
 
 
 def position_rows(problem: Problem, x, y, s_ids: tf.Tensor, o_ids: tf.Tensor) -> tf.Tensor:
-    """(K, N, S): for direction k, H_z times the unit vector at (position s_ids[k], channel o_ids[k]) of every
+    """(K, N, S): for direction k, H_z times the unit vector at (position s_ids[k], z channel o_ids[k]) of every
     example, restricted to channel o_ids[k]: row s of each example's block B[n, o]."""
     target = problem.target
-    a = target.layer_input(x)
-    z = target.pre_activation(a)
-    flat = target.flat_output(z)
-    positions, channels = int(np.prod(target.layer.output.shape[1:-1])), target.out_channels
+    z = target.pre_activation(target.input_stage(x))
+    positions, channels = target.positions, target.z_channels
 
     def loss_of(delta):
         return problem.loss_sum(x, y, delta)
 
     def one(ids):
         unit = tf.one_hot(ids[0], positions, dtype=z.dtype)[:, None] * tf.one_hot(ids[1], channels, dtype=z.dtype)[None, :]
-        u = tf.reshape(tf.broadcast_to(unit, (tf.shape(flat)[0], positions, channels)), tf.shape(z))
-        hu = target.flat_output(hvp(loss_of, tf.zeros_like(z), u))
+        u = tf.reshape(tf.broadcast_to(unit, (tf.shape(z)[0], positions, channels)), tf.shape(z))
+        hu = target.flat(hvp(loss_of, tf.zeros_like(z), u))
         return tf.gather(hu, ids[1], axis=2)
 
     return tf.vectorized_map(one, tf.stack([s_ids, o_ids], axis=1))
 
 
 def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid, start, width) -> tf.Tensor:
-    """(P, width) float64 contribution of one chunk of HVP directions to the diagonal of channels start:start + width.
+    """(F, width) float64 contribution of one chunk of HVP directions to the diagonal of z channels start:start + width.
 
     Entry method: direction k is entry (inner_ids[k], o_ids[k]). Block method: it is position
-    inner_ids[k] of channel o_ids[k], contributing sum_n P[n, s, p] sum_s' B[n, o, s, s'] P[n, s', p].
+    inner_ids[k] of channel o_ids[k], contributing sum_n P[n, s, f] sum_s' B[n, o, s, s'] P[n, s', f].
     Directions with ``valid`` 0 pad the chunk to its traced size and add nothing.
     """
+    target = problem.target
     if method == "entry":
         values = entry_curvatures(problem, x, y, inner_ids, o_ids) * valid
         where = tf.stack([inner_ids, o_ids - start], axis=1)
-        features = int(np.prod(problem.target.shape[:-1]))
-        per_entry = tf.tensor_scatter_nd_add(tf.zeros((features, width), values.dtype), where, values)
+        per_entry = tf.tensor_scatter_nd_add(tf.zeros((target.features, width), values.dtype), where, values)
         return tf.cast(per_entry, tf.float64)
     rows = position_rows(problem, x, y, inner_ids, o_ids)  # (K, N, S): row s of B[n, o]
-    patches = problem.target.input_patches(x)  # (N, S, P)
-    own = tf.gather(patches, inner_ids, axis=1)  # (N, K, P)
-    per_direction = tf.einsum("nkp,kns,nsp->kp", own, rows, patches) * valid[:, None]
+    patches = channel_patches(target.patches(target.input_stage(x)), target.group_ids(slice(0, target.z_channels)))
+    if patches.shape.rank == 3:  # (N, S, F), shared by every channel
+        own = tf.gather(patches, inner_ids, axis=1)  # (N, K, F)
+        per_direction = tf.einsum("nkf,kns,nsf->kf", own, rows, patches)
+    else:  # (N, S, O, F): each direction's channel has its own patches
+        mine = tf.transpose(tf.gather(patches, o_ids, axis=2), (2, 0, 1, 3))  # (K, N, S, F)
+        own = tf.gather(mine, inner_ids[:, None], axis=2, batch_dims=1)[:, :, 0]  # (K, N, F)
+        per_direction = tf.einsum("knf,kns,knsf->kf", own, rows, mine)
+    per_direction = per_direction * valid[:, None]
     return tf.cast(tf.transpose(tf.math.unsorted_segment_sum(per_direction, o_ids - start, width)), tf.float64)
 
 
 def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor, tf.Tensor]:
-    """``problem.batch_gradient`` for channels start:start + width when ``wanted`` (a boolean tensor), else zeros.
+    """``problem.batch_gradient`` for z channels start:start + width when ``wanted`` (a boolean tensor), else zeros.
 
     A graph condition rather than a Python one, so the chunk that takes the gradient and those that
     do not share one traced graph (tracing vectorized HVPs costs seconds).
     """
-    features = int(np.prod(problem.target.shape[:-1]))
+    features = problem.target.features
     return tf.cond(wanted, lambda: problem.batch_gradient(x, y, slice(start, start + width)),
                    lambda: (tf.zeros((features, width)), tf.constant(0.0)))
 
@@ -115,8 +120,8 @@ class ExactEngine:
         self.problem = problem
         self.chunk_size = chunk_size
         target = problem.target
-        self.features = int(np.prod(target.shape[:-1]))
-        self.positions = int(np.prod(target.layer.output.shape[1:-1]))
+        self.features = target.features
+        self.positions = target.positions
         self.method = "block" if self.positions < self.features else "entry"
         self.compiler = "xla" if jit_compile else "graph"
         # Traced outside any XLA context, so it holds the very ops the audit verifies; XLA compiles that graph.
@@ -143,11 +148,11 @@ class ExactEngine:
     streams_gradient = True  # the gradient comes from the first chunk's call
 
     def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
-        """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
+        """(F, O') sum over the batch of the diagonal for z channels ``channels``."""
         return self.batch_derivatives(x, y, channels)[1]
 
     def batch_derivatives(self, x, y, channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
-        """(P, O) sums over the batch of the gradient and of the diagonal for ``channels``, and the summed loss."""
+        """(F, O') sums over the batch of the gradient and of the diagonal for z channels ``channels``, and the summed loss."""
         outs = channels.stop - channels.start
         inner = self.positions if self.method == "block" else self.features
         total = inner * outs
@@ -168,8 +173,14 @@ class ExactEngine:
         return gradient, diagonal, float(loss)
 
     def directions(self, channels: slice) -> int:
-        """HVPs per example block for ``channels``: the unit of this engine's cost."""
+        """HVPs per example block for z channels ``channels``: the unit of this engine's cost."""
         return (self.positions if self.method == "block" else self.features) * (channels.stop - channels.start)
+
+    def seconds_per_example(self, x, y) -> float:
+        """Seconds one example costs over every channel, from one chunk timed after a warm-up one."""
+        x, y = x[:1], y[:1]
+        self.time_chunk(x, y)  # trace
+        return self.time_chunk(x, y) / self.chunk_size * self.directions(slice(0, self.problem.target.z_channels))
 
     def time_chunk(self, x, y) -> float:
         """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
@@ -178,13 +189,14 @@ class ExactEngine:
         self._run_chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
         return time.perf_counter() - started
 
+
 def exact_entries(problem: Problem, batches, indices: list[tuple[int, ...]]) -> np.ndarray:
     """Mean-loss Hessian-diagonal entries at multi-indices of W by the exact engine (a spot check)."""
-    shape = problem.target.shape
-    flat = np.array([np.ravel_multi_index(i[:-1], shape[:-1]) for i in indices], np.int32)
-    outs = np.array([i[-1] for i in indices], np.int32)
+    positions = [problem.target.weight.flat_position(index) for index in indices]
+    features = np.array([f for f, _ in positions], np.int32)
+    channels = np.array([o for _, o in positions], np.int32)
     total, examples = np.zeros(len(indices)), 0
     for x, y in batches:
-        total += entry_curvatures(problem, tf.constant(x), tf.constant(y), tf.constant(flat), tf.constant(outs)).numpy()
+        total += entry_curvatures(problem, tf.constant(x), tf.constant(y), tf.constant(features), tf.constant(channels)).numpy()
         examples += len(x)
     return total / examples

@@ -1,46 +1,55 @@
-"""Exact Hessian diagonal for piecewise-linear suffixes via loss-Hessian factors.
+"""Exact Hessian diagonals for piecewise-linear suffixes via loss-Hessian factors, for many targets in one pass.
 
-If every op after z is piecewise linear, H_z = Jᵀ H_loss J with J = d logits / dz,
-and H_loss = S Sᵀ per example. Back-propagating the C columns of S to z gives
-V_c, and
+If every op after a target's z is piecewise linear, H_z = Jᵀ H_loss J with J = d logits / dz, and
+H_loss = S Sᵀ per example. Back-propagating the C columns of S to z gives V_c, and
 
-    H_W[p, o] = sum_{n, c} (sum_s patches[n, s, p] V_c[n, s, o])².
+    H_W[f, o] = Σ_{n, c} (Σ_s P[n, s, (o,) f] V_c[n, s, o])²
 
-Two savings make this fast, both exact:
+with P the target's patches. The columns are back-propagated once per example block from the loss
+down to the lowest target (``columns.backward``), and each target's stage folds them as they pass,
+so every kernel and bias on the way shares one pass. Two savings, both exact:
 
-* Support: for a given example and output channel, V_c vanishes at the same
-  positions for every column c (ReLU masks and max-pool routing do not depend
-  on c). Only the A active positions (at most a quarter of S behind a 2x2
-  max-pool) are gathered.
-* Gram form: sum_c (v_cᵀ P)² = Pᵀ (Σ_c v_c v_cᵀ) P, so with M = VᵀV (A x A) the
-  diagonal is sum_a P ⊙ (M P), costing A²(C + P) instead of C·A·P; used when
-  A < C (e.g. VGG16: C = 1000 classes, A <= 196).
+* Support: for a given example and channel, V_c vanishes at the same positions for every column c
+  (ReLU masks and max-pool routing do not depend on c); ones pushed back through |Jᵀ| find them
+  before any column.
+* Gram form: Σ_c (v_cᵀ P)² = Pᵀ (Σ_c v_c v_cᵀ) P, so with M = VᵀV on the A support positions the
+  diagonal is Σ_a P ⊙ (M P), costing A²(C + F) instead of C·A·F; used when A < C. A kernel and its
+  bias share their stage's M (a bias's patches are ones).
 
-With few outputs (C < SPARSE_MIN_CLASSES) one dense product over all positions
-is a single efficient matrix product and beats gathering; both paths are exact.
-Columns from transpose rules (``columns.rule_graph``) stream: each chunk is folded
-in and dropped, the support having been found first.
-
-Only exact under that condition: callers must run ``check_suffix`` first.
+Columns stream in chunks: each chunk is folded in and dropped, so an example's C columns are never
+held at once; the loss gradient rides as one more column of the last chunk.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature.columns import factor_columns, rule_backward, rule_forward, rule_graph, rule_support, support_positions
-from pipeline.curvature.layer_rules import activation_has_transpose_rule
-from pipeline.curvature.problem import Problem
+from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
+from pipeline.curvature.graph import suffix_of
+from pipeline.curvature.problem import Problem, final_softmax
+from pipeline.curvature.target import Target, channel_patches, column_gradients, contract
+from pipeline.losses import Loss
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 SPARSE_MIN_CLASSES = 64
 
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-    """(P, O) float64 sum over examples and columns of the squared filter gradients, all positions."""
-    filter_grads = tf.einsum("nsp,cnso->cnpo", patches, columns)
-    return tf.cast(tf.reduce_sum(tf.square(filter_grads), axis=(0, 1)), tf.float64)
+    """(F, O) float64 sum over examples and columns of the squared weight gradients of ``columns`` (C, N, S, O)."""
+    return tf.cast(tf.reduce_sum(tf.square(column_gradients(patches, columns)), axis=(0, 1)), tf.float64)
+
+
+def gathered_patches(patches: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+    """(N, O, A, F) patches at each channel's support ``positions`` (N, O, A)."""
+    if patches.shape.rank == 3:
+        return tf.gather(patches, positions, batch_dims=1)
+    return tf.gather(tf.transpose(patches, (0, 2, 1, 3)), positions, batch_dims=2)
 
 
 def support_values(columns: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
@@ -57,171 +66,248 @@ def gram_update(gram: tf.Tensor, columns: tf.Tensor, positions: tf.Tensor) -> tu
 
 
 def gram_products(patches: tf.Tensor, positions: tf.Tensor, gram: tf.Tensor) -> tf.Tensor:
-    """(P, O) float64 Σ_n Σ_a P ⊙ (M P) with the patches gathered at ``positions``: Σ_c (v_cᵀ P)²."""
-    gathered = tf.gather(patches, positions, batch_dims=1)  # (N, O, A, P)
-    per_channel = tf.reduce_sum(gathered * tf.einsum("noab,nobp->noap", gram, gathered), axis=(0, 2))
+    """(F, O) float64 Σ_n Σ_a P ⊙ (M P) with the patches gathered at ``positions``: Σ_c (v_cᵀ P)²."""
+    gathered = gathered_patches(patches, positions)  # (N, O, A, F)
+    per_channel = tf.reduce_sum(gathered * tf.einsum("noab,nobf->noaf", gram, gathered), axis=(0, 2))
     return tf.transpose(tf.cast(per_channel, tf.float64))
 
 
-def support_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-    """(P, O) float64 sum over examples and columns of the squared filter gradients.
+@dataclass(frozen=True)
+class StageTargets:
+    """The targets that share one stage of one layer (a kernel and its bias), and the z channels computed."""
 
-    ``patches`` is (N, S, P), ``columns`` is (C, N, S, O).
+    key: str
+    layer: object
+    stage: int
+    targets: tuple[Target, ...]
+    z_channels: slice
+
+    @property
+    def width(self) -> int:
+        return self.z_channels.stop - self.z_channels.start
+
+
+def by_stage(targets: Sequence[Target], z_channels: slice | None = None) -> list[StageTargets]:
+    """Group targets by their layer's stage, in order."""
+    groups: dict[str, list[Target]] = {}
+    for target in targets:
+        groups.setdefault(site_key(target.layer, target.stage_index), []).append(target)
+    found = []
+    for key, members in groups.items():
+        first = members[0]
+        channels = z_channels or slice(0, first.z_channels)
+        found.append(StageTargets(key, first.layer, first.stage_index, tuple(members), channels))
+    return found
+
+
+class FactoredPass:
+    """The factored diagonal and the gradient of every target in ``targets`` (one model), from one shared
+    back-propagation of the factor columns per chunk of examples.
+
+    Examples are processed in chunks that fit ``memory_budget`` bytes; columns in chunks of
+    ``column_chunk``. ``z_channels`` restricts a single target to a slice of its z channels.
     """
-    classes = tf.shape(columns)[0]
-    positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
 
-    def gram():
-        shape = tf.concat([tf.shape(positions), tf.shape(positions)[-1:]], 0)
-        return gram_products(patches, positions, gram_update(tf.zeros(shape, columns.dtype), columns, positions)[0])
+    def __init__(self, loss: Loss, targets: Sequence[Target], peel_softmax: bool, column_chunk: int = 16,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, factor_fn=None, z_channels: slice | None = None):
+        model = targets[0].model
+        self.model, self.loss, self.targets = model, loss, tuple(targets)
+        layers = list({id(t.layer): t.layer for t in targets}.values())
+        self.suffix = suffix_of(model, layers, peeled=final_softmax(model) if peel_softmax else None)
+        if not self.suffix.piecewise_linear:
+            raise ValueError("the factored engine needs a piecewise-linear suffix: " + ", ".join(self.suffix.offending))
+        self.factor_width = loss.factor_width(int(np.prod(model.outputs[0].shape[1:])))
+        self.column_chunk = min(column_chunk, self.factor_width + 1)
+        self.memory_budget = memory_budget
+        self.stages = by_stage(targets, z_channels)
+        self.sparse = self.factor_width >= SPARSE_MIN_CLASSES
+        suffix = self.suffix
+        self._forward = tf.function(lambda x, y: suffix_forward(suffix, model, loss, x, y, peel_softmax, factor_fn))
+        self._backward = tf.function(lambda forward, ids: backward(suffix, forward, ids))
+        self._reach = tf.function(lambda forward: backward(suffix, forward, None, magnitude=True))
+        self._patches = tf.function(self._stage_patches)
+        self._dense = tf.function(dense_products)
+        self._gram_update = tf.function(gram_update)
+        self._gram_products = tf.function(gram_products)
+        self._gradient = tf.function(lambda patches, dz: tf.cast(contract(patches, dz), tf.float64))
 
-    def direct():
-        gathered = tf.gather(patches, positions, batch_dims=1)  # (N, O, A, P)
-        values = support_values(columns, positions)
-        per_channel = tf.reduce_sum(tf.square(tf.einsum("noca,noap->nocp", values, gathered)), axis=(0, 2))
-        return tf.transpose(tf.cast(per_channel, tf.float64))
+    @property
+    def column_method(self) -> str:
+        """``rules``, or which steps are back-propagated by autodiff at their input for want of a dedicated rule."""
+        return "rules" + (f" (autodiff at the input of {', '.join(self.suffix.fallbacks)})" if self.suffix.fallbacks else "")
 
-    return tf.cond(tf.shape(positions)[-1] < classes, gram, direct)
+    def _stage_patches(self, forward) -> dict:
+        """Each target's channel patches, from the stage inputs the forward pass kept."""
+        found = {}
+        for stage in self.stages:
+            u = stage_inputs(self.suffix, forward, stage.layer)[stage.stage]
+            for target in stage.targets:
+                found[target.name] = channel_patches(target.patches(u), target.group_ids(stage.z_channels))
+        return found
+
+    def example_chunk(self) -> int:
+        """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
+        activations = [math.prod(int(d) for d in step.node.outputs[0].shape[1:])
+                       for step in self.suffix.steps if step.node is not None]
+        largest = max(activations, default=1)
+        grams = sum(stage.width * min(self.factor_width, stage.targets[0].positions) ** 2 for stage in self.stages) if self.sparse else 0
+        patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
+        per_example = 4 * (3 * sum(activations) + 3 * self.column_chunk * largest + grams + patches)
+        return max(1, self.memory_budget // per_example)
+
+    def _channel_width(self, stage: StageTargets, examples: int, support: int) -> int:
+        """Channels per product call that fit the budget (weight gradients of a chunk, or gathered patches)."""
+        features = max(t.features for t in stage.targets)
+        per_channel = 4 * examples * features * (2 * support if support else self.column_chunk)
+        return max(1, min(stage.width, self.memory_budget // (2 * per_channel)))
+
+    def _column_chunks(self) -> list[tf.Tensor]:
+        """Column ids in chunks of ``column_chunk``: every factor column, then the loss gradient (id K + 1); the
+        last chunk is padded with the zero column (id K), which adds nothing."""
+        wanted = [*range(self.factor_width), self.factor_width + 1]
+        chunks = []
+        for c0 in range(0, len(wanted), self.column_chunk):
+            chunk = wanted[c0: c0 + self.column_chunk]
+            chunks.append(tf.constant(chunk + [self.factor_width] * (self.column_chunk - len(chunk)), tf.int32))
+        return chunks
+
+    def seconds_per_example(self, x, y, timed_chunks: int = 2) -> float:
+        """Seconds one example costs, from examples ``x``: the forward pass and ``timed_chunks`` column chunks
+        timed after a warm-up chunk, the other chunks extrapolated (a whole pass can take minutes)."""
+        x, y = tf.constant(x[:1]), tf.constant(y[:1])
+        chunks = self._column_chunks()
+        forward = self._forward(x, y)
+        self._backward(forward, chunks[0])  # trace
+        started = time.perf_counter()
+        forward = self._forward(x, y)
+        patches = self._patches(forward)
+        reach = self._reach(forward) if self.sparse else {}
+        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), 1) for stage in self.stages}
+        setup = time.perf_counter() - started
+        timed = chunks[:max(1, min(timed_chunks, len(chunks)))]
+        started = time.perf_counter()
+        for ids in timed:
+            captured = self._backward(forward, ids)
+            for stage in self.stages:
+                folds[stage.key].add(stage.targets[0].flat_columns(captured[stage.key])[..., stage.z_channels])
+        per_chunk = (time.perf_counter() - started) / len(timed)
+        started = time.perf_counter()
+        for fold in folds.values():
+            fold.result()
+        return setup + per_chunk * len(chunks) + time.perf_counter() - started
+
+    def batch_sums(self, x, y) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+        """({target name: ((F, O') gradient sum, (F, O') diagonal sum)} over the batch, the summed loss)."""
+        totals: dict[str, list[np.ndarray]] = {}
+        loss = 0.0
+        step = self.example_chunk()
+        for first in range(0, len(x), step):
+            sums, part = self._chunk_sums(x[first: first + step], y[first: first + step])
+            loss += part
+            for name, values in sums.items():
+                totals[name] = values if name not in totals else [a + b for a, b in zip(totals[name], values)]
+        return {name: (values[0], values[1]) for name, values in totals.items()}, loss
+
+    def _chunk_sums(self, x, y) -> tuple[dict[str, list[np.ndarray]], float]:
+        forward = self._forward(tf.constant(x), tf.constant(y))
+        patches = self._patches(forward)
+        reach = self._reach(forward) if self.sparse else {}
+        examples = len(x)
+        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), examples) for stage in self.stages}
+        chunks = self._column_chunks()
+        at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
+        gradients: dict[str, np.ndarray] = {}
+        for index, ids in enumerate(chunks):
+            captured = self._backward(forward, ids)
+            for stage in self.stages:
+                columns = stage.targets[0].flat_columns(captured[stage.key])[..., stage.z_channels]
+                if index == len(chunks) - 1:
+                    for target in stage.targets:
+                        gradients[target.name] = self._gradient(patches[target.name], columns[at]).numpy()
+                    columns = columns[:at]
+                if columns.shape[0]:
+                    folds[stage.key].add(columns)
+        sums = {}
+        for stage in self.stages:
+            diagonals = folds[stage.key].result()
+            for target in stage.targets:
+                sums[target.name] = [gradients[target.name], diagonals[target.name]]
+        return sums, float(forward.loss)
+
+
+class StageFold:
+    """One stage's running sums of squared weight gradients over column chunks: per-channel Gram matrices on
+    the support when it is narrower than the factor's width, else the products themselves."""
+
+    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int):
+        self.owner, self.stage, self.patches = owner, stage, patches
+        self.positions = None
+        if reach is not None:
+            active = tf.transpose(stage.targets[0].flat_columns(reach)[0][..., stage.z_channels] > 0, (0, 2, 1))
+            positions = support_positions(active)
+            if positions.shape[-1] < owner.factor_width:
+                self.positions = positions
+        support = 0 if self.positions is None else int(self.positions.shape[-1])
+        self.width = owner._channel_width(stage, examples, support)
+        self.gram = None if self.positions is None else tf.zeros((*self.positions.shape, support), tf.float32)
+        self.sums = {t.name: None for t in stage.targets}
+
+    def add(self, columns: tf.Tensor) -> None:
+        owner = self.owner
+        if self.positions is not None:
+            self.gram, outside = owner._gram_update(self.gram, columns, self.positions)
+            if int(outside):
+                raise RuntimeError(f"{int(outside)} factor-column entries lie outside their computed support")
+            return
+        for target in self.stage.targets:
+            part = _by_channels(lambda o, end: owner._dense(_channels(self.patches[target.name], o, end), columns[..., o:end]),
+                                self.stage.width, self.width)
+            self.sums[target.name] = part if self.sums[target.name] is None else self.sums[target.name] + part
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.positions is None:
+            return {name: values.numpy() for name, values in self.sums.items()}
+        owner = self.owner
+        return {t.name: _by_channels(lambda o, end: owner._gram_products(_channels(self.patches[t.name], o, end),
+                                                                          self.positions[:, o:end], self.gram[:, o:end]),
+                                     self.stage.width, self.width).numpy()
+                for t in self.stage.targets}
+
+
+def _channels(patches: tf.Tensor, start: int, stop: int) -> tf.Tensor:
+    """Channel patches of z channels start:stop (shared patches serve every channel)."""
+    return patches if patches.shape.rank == 3 else patches[:, :, start:stop]
+
+
+def _by_channels(products, channels: int, width: int) -> tf.Tensor:
+    return tf.concat([products(o, min(o + width, channels)) for o in range(0, channels, width)], axis=1)
 
 
 class FactoredEngine:
-    """Per-batch factored diagonal; examples are processed in chunks that fit ``memory_budget`` bytes.
-
-    Through a ``rule_graph`` the columns stream: each chunk of K columns is folded into the products
-    (dense path) or into each channel's Gram matrix on the support (sparse path) and dropped, so an
-    example's C columns are never held at once. Autodiff columns are all kept, then reduced.
-    """
+    """The factored engine for one target (``Problem``): ``batch_derivatives`` over a slice of its z channels."""
 
     name = "factored"
 
     def __init__(self, problem: Problem, peel_softmax: bool, column_chunk: int = 16, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.problem = problem
-        target = problem.target
-        self.factor_width = problem.loss.factor_width(int(np.prod(target.model.outputs[0].shape[1:])))
-        self.positions = int(np.prod(target.layer.output.shape[1:-1]))
+        self.peel_softmax = peel_softmax
+        self.column_chunk_requested = column_chunk
         self.memory_budget = memory_budget
-        graph = rule_graph(problem, peel_softmax) if activation_has_transpose_rule(target.layer) else None
-        self.column_method = "autodiff" if graph is None else "rules"
-        # through the rules the loss gradient rides as one more column
-        self.column_chunk = min(column_chunk, self.factor_width + (graph is not None))
-        if graph is None:
-            self._columns = tf.function(lambda x, y, ids, start, stop: factor_columns(problem, x, y, ids, start, stop, peel_softmax))
-        else:
-            self._forward = tf.function(lambda x, y: rule_forward(problem, graph, x, y, peel_softmax))
-            self._backward = tf.function(lambda state, ids, start, stop: rule_backward(problem, graph, state, ids, start, stop))
-            self._support = tf.function(lambda state, start, stop: rule_support(problem, graph, state, start, stop))
-        self._patches = tf.function(target.input_patches)
-        self.sparse = self.factor_width >= SPARSE_MIN_CLASSES
-        self._products = tf.function(support_products if self.sparse else dense_products)
-        self._dense = tf.function(dense_products, reduce_retracing=True)
-        self._gram_update = tf.function(gram_update, reduce_retracing=True)
-        self._gram_products = tf.function(gram_products, reduce_retracing=True)
-        self._gradient = tf.function(lambda patches, dz: tf.cast(tf.einsum("nsp,nso->po", patches, dz[0]), tf.float64),
-                                     reduce_retracing=True)
-
-    def chunk_sizes(self, channels: slice) -> tuple[int, int]:
-        """(examples, output channels) per product call so that columns and products fit the memory budget.
-
-        Kept autodiff columns take 4·C·S·O bytes per example; streamed ones about 3 copies of a
-        K-column chunk plus the Gram matrices (at most min(C, S)² per channel). The products of a
-        chunk of channels take 4·(2·S·P) bytes per channel and example (gathered patches and M·P)
-        on the sparse path, 4·K·P on the dense one.
-        """
-        positions, features = self.positions, int(np.prod(self.problem.target.shape[:-1]))
-        width = channels.stop - channels.start
-        if self.column_method == "autodiff":
-            per_example, columns_at_once = 2 * 4 * self.factor_width * positions * width, self.factor_width
-        else:
-            support = min(self.factor_width, positions)
-            per_example = 4 * width * (3 * self.column_chunk * positions + support * support)
-            columns_at_once = self.column_chunk
-        examples = max(1, self.memory_budget // per_example)
-        per_channel = 4 * examples * (2 * positions * features if self.sparse else columns_at_once * features)
-        return examples, max(1, min(width, self.memory_budget // (2 * per_channel)))
+        self.pass_ = FactoredPass(problem.loss, [problem.target], peel_softmax, column_chunk, memory_budget)
 
     @property
-    def streams_gradient(self) -> bool:
-        """True when ``batch_derivatives`` gives the gradient from the same forward pass as the columns."""
-        return self.column_method == "rules"
+    def column_method(self) -> str:
+        return self.pass_.column_method
 
-    def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
-        """(P, O) sum over the batch of the diagonal for output channels ``channels``."""
-        if self.streams_gradient:
-            return self.batch_derivatives(x, y, channels)[1]
-        examples, width = self.chunk_sizes(channels)
-        total = None
-        for first in range(0, len(x), examples):
-            part = self._kept_columns_diagonal(x[first : first + examples], y[first : first + examples], channels, width).numpy()
-            total = part if total is None else total + part
-        return total
+    @property
+    def factor_width(self) -> int:
+        return self.pass_.factor_width
 
-    def batch_derivatives(self, x, y, channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
-        """(P, O) sums over the batch of the gradient and of the diagonal for ``channels``, and the summed loss.
+    def seconds_per_example(self, x, y) -> float:
+        return self.pass_.seconds_per_example(x, y)
 
-        Through a ``rule_graph`` only: the loss gradient is one more column of the same forward pass.
-        """
-        examples, width = self.chunk_sizes(channels)
-        sums = None
-        for first in range(0, len(x), examples):
-            part = [t.numpy() for t in self._streamed_derivatives(x[first : first + examples], y[first : first + examples], channels, width)]
-            sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-        gradient, diagonal, loss = sums
-        return gradient, diagonal, float(loss)
-
-    def _column_ids(self, wanted: list[int]):
-        """``wanted`` column ids in chunks of ``column_chunk``, the last padded with the factor's zero column (id
-        ``factor_width``), which adds nothing; id ``factor_width + 1`` is the loss gradient."""
-        for c0 in range(0, len(wanted), self.column_chunk):
-            chunk = wanted[c0 : c0 + self.column_chunk]
-            yield tf.constant(chunk + [self.factor_width] * (self.column_chunk - len(chunk)), tf.int32)
-
-    @staticmethod
-    def _by_channels(products, out_channels: int, width: int) -> tf.Tensor:
-        return tf.concat([products(o, o + width) for o in range(0, out_channels, width)], axis=1)
-
-    def _kept_columns_diagonal(self, x, y, channels: slice, width: int) -> tf.Tensor:
-        bounds = tf.constant(channels.start), tf.constant(channels.stop)
-        columns = np.empty((self.factor_width, len(x), self.positions, channels.stop - channels.start), np.float32)
-        for ids in self._column_ids(list(range(self.factor_width))):
-            c0 = int(ids[0])
-            columns[c0 : c0 + self.column_chunk] = self._columns(x, y, ids, *bounds).numpy()[: self.factor_width - c0]
-        patches = self._patches(x)
-        return self._by_channels(lambda o, end: self._products(patches, columns[..., o:end]), columns.shape[-1], width)
-
-    def _streamed_derivatives(self, x, y, channels: slice, width: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        bounds = tf.constant(channels.start), tf.constant(channels.stop)
-        state, patches, loss = self._forward(x, y)
-        chunks = list(self._column_ids([*range(self.factor_width), self.factor_width + 1]))
-        at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
-        gradient = []
-
-        def factor_chunks():
-            """Chunks of back-propagated factor columns; the gradient column, which rides in the last, goes to
-            ``gradient``."""
-            for index, ids in enumerate(chunks):
-                columns = self._backward(state, ids, *bounds)
-                if index == len(chunks) - 1:
-                    gradient.append(self._gradient(patches, columns[at:]))
-                    columns = columns[:at]
-                if columns.shape[0]:
-                    yield columns
-
-        diagonal = self._streamed_diagonal(state, patches, bounds, channels.stop - channels.start, width, factor_chunks())
-        return gradient[0], diagonal, loss
-
-    def _streamed_diagonal(self, state, patches, bounds, out_channels: int, width: int, column_chunks) -> tf.Tensor:
-        if self.sparse:
-            positions = self._support(state, *bounds)
-            if positions.shape[-1] < self.factor_width:
-                gram = tf.zeros((*positions.shape, positions.shape[-1]), tf.float32)
-                for columns in column_chunks:
-                    gram, outside = self._gram_update(gram, columns, positions)
-                    if int(outside):
-                        raise RuntimeError(f"{int(outside)} factor-column entries lie outside their computed support")
-                return self._by_channels(
-                    lambda o, end: self._gram_products(patches, positions[:, o:end], gram[:, o:end]), out_channels, width)
-        total = None
-        for columns in column_chunks:
-            part = self._by_channels(lambda o, end: self._dense(patches, columns[..., o:end]), out_channels, width)
-            total = part if total is None else total + part
-        return total
+    def batch_derivatives(self, x, y, z_channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
+        """(F, O') sums over the batch of the gradient and of the diagonal for z channels ``z_channels``, and the summed loss."""
+        sums, loss = self.pass_.batch_sums(x, y)
+        gradient, diagonal = sums[self.problem.target.name]
+        return gradient[:, z_channels], diagonal[:, z_channels], loss

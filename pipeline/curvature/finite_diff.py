@@ -13,6 +13,7 @@ h/2: where the two disagree by more than 1%, the entry is flagged non-smooth.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import keras
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.layer import batches_of
+from pipeline.curvature.problem import logits_output
 from pipeline.curvature.target import resolve_target
 from pipeline.losses import get_loss
 
@@ -44,7 +46,7 @@ def float64_clone(model: keras.Model) -> keras.Model:
         config["dtype"] = "float64"
         return layer.__class__.from_config(config)
 
-    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
     return clone
 
@@ -68,7 +70,7 @@ def finite_difference_derivatives(
     ``batches``, when given, returns the data's (x, y) batches afresh on each call (streamed data), in place of ``x``, ``y``.
     """
     model64 = float64_clone(model)
-    variable = getattr(resolve_target(model64, layer, weight).layer, weight)
+    variable = resolve_target(model64, layer, weight).variable
     loss_fn = get_loss(loss, from_logits)
     if batches is None:
         held = batches_of(np.asarray(x), np.asarray(y), batch_size)
@@ -111,3 +113,63 @@ def finite_difference_derivatives(
         smooth.append(abs(diag - diag_half) <= 1e-2 * max(abs(diag), abs(diag_half)) + 1e-12)
     variable.assign(base)
     return FiniteDifferences(np.array(grad_fd), np.array(diag_fd), np.array(smooth))
+
+
+FROZEN_STEP = 1e-3  # of the largest logit change along the direction: the frozen function is smooth, so big steps are safe
+
+
+def frozen_decision_derivatives(
+    model: keras.Model,
+    layer: str,
+    indices: Sequence[tuple[int, ...]],
+    *,
+    loss: str,
+    from_logits: bool = False,
+    weight: str = "kernel",
+    peel_softmax: bool = False,
+    batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+) -> FiniteDifferences:
+    """Float64 derivatives of the mean loss at each multi-index of the weight, with the suffix's decisions frozen.
+
+    For a piecewise-linear suffix (every op after the target's stage piecewise linear, a final softmax
+    folded into the loss), the loss on the current linear piece is ℓ(out₀ + J u t) along entry i, with
+    u the entry's z-direction (z is affine in W) and J the suffix's Jacobian at the unperturbed point:
+    every ReLU mask and max-pool routing frozen there. That function is smooth, equals the loss on the
+    piece, and its second derivative at t = 0 is the Hessian entry. J u comes from one float64
+    forward-mode product per entry (first derivatives only); the derivatives in t come from float64
+    loss VALUES, Richardson-extrapolated over steps h and h/2 with h·max|J u| = ``FROZEN_STEP``.
+    Shares no engine code.
+    """
+    model64 = float64_clone(model)
+    target = resolve_target(model64, layer, weight)
+    loss_fn = get_loss(loss, from_logits or peel_softmax)
+    positions = [target.weight.flat_position(index) for index in indices]
+    per_group = target.z_channels // target.weight.groups
+    grads, curvatures, gaps, examples = np.zeros(len(indices)), np.zeros(len(indices)), np.zeros(len(indices)), 0
+    for bx, by in batches():
+        x, labels = tf.constant(bx, tf.float64), tf.constant(by)
+        u = target.input_stage(x)
+        z0 = target.pre_activation(u)
+        patches = target.patches(u)
+        for k, (f, o) in enumerate(positions):
+            column = patches[:, :, o // per_group, f]
+            direction = tf.reshape(column[:, :, None] * tf.one_hot(o, target.z_channels, dtype=tf.float64), tf.shape(z0))
+            delta = tf.zeros_like(z0)
+            with tf.autodiff.ForwardAccumulator(delta, direction) as accumulator:
+                with target.perturbed(lambda z: delta), (logits_output(model64) if peel_softmax else contextlib.nullcontext()):
+                    out = model64(x, training=False)
+            out0 = tf.reshape(out, (tf.shape(x)[0], -1))
+            moved = tf.reshape(accumulator.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO), tf.shape(out0))
+            largest = float(tf.reduce_max(tf.abs(moved)))
+            if largest == 0.0:
+                continue
+            h = FROZEN_STEP / largest
+            f0 = float(tf.reduce_sum(loss_fn.per_example(out0, labels)))
+            at = {t: float(tf.reduce_sum(loss_fn.per_example(out0 + t * moved, labels))) for t in (h, -h, h / 2, -h / 2)}
+            second = [(at[s] - 2 * f0 + at[-s]) / s**2 for s in (h, h / 2)]
+            first = [(at[s] - at[-s]) / (2 * s) for s in (h, h / 2)]
+            curvatures[k] += (4 * second[1] - second[0]) / 3
+            grads[k] += (4 * first[1] - first[0]) / 3
+            gaps[k] = max(gaps[k], abs(second[0] - second[1]) / max(abs(second[1]), 1e-300))
+        examples += len(bx)
+    return FiniteDifferences(grads / examples, curvatures / examples, gaps <= 1e-3)

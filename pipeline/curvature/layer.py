@@ -1,33 +1,30 @@
-"""Gradient and Hessian diagonal of a model's mean loss w.r.t. one layer's weight.
+"""Gradient and Hessian diagonal of a model's mean loss w.r.t. one weight tensor.
 
-One shared driver: it walks the batches in order, sums per-batch results in
-float64, and divides by the number of examples. Engines differ only in how
-they produce one batch's sum of Hessian-diagonal entries.
+One shared driver: it walks the batches in order, sums per-batch results in float64, and divides
+by the number of examples. Engines differ only in how they produce one batch's sums (the
+stochastic ones, which need all data at once, in how they produce the whole data's).
 """
 
 from __future__ import annotations
 
 import collections
+import time
 import weakref
-from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature.exact import ExactEngine
-from pipeline.curvature.factored import FactoredEngine
+from pipeline.curvature.engines import ENGINE_NAMES, EngineChoice, build_engine, choose_engine
 from pipeline.curvature.problem import Problem
-from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
 from pipeline.curvature.second_order import check_second_order, rule_layers
-from pipeline.curvature.suffix import SuffixCheck, check_suffix
-from pipeline.curvature.target import as_kernel, channel_slice, resolve_target
+from pipeline.curvature.suffix import check_suffix
+from pipeline.curvature.target import Target, channel_slice, resolve_target
 from pipeline.errors import BadInputError, NonFiniteLossError
-from pipeline.losses import check_labels, get_loss
+from pipeline.losses import Loss, check_labels, get_loss
 
-ENGINES = ("auto", "exact", "factored", "hutchinson", "monte_carlo")
-SECOND_ORDER_ENGINES = ("exact", "hutchinson")
+ENGINES = ENGINE_NAMES
 
 
 class Derivatives(NamedTuple):
@@ -37,33 +34,6 @@ class Derivatives(NamedTuple):
     hessian_diagonal: np.ndarray
 
 
-@dataclass(frozen=True)
-class EngineChoice:
-    """The engine that will run, and why."""
-
-    name: str
-    reason: str
-    exact: bool
-
-
-def choose_engine(requested: str, check: SuffixCheck) -> EngineChoice:
-    """Resolve ``auto`` and refuse ``factored`` where it would not be exact, given the suffix ``check``."""
-    if requested not in ENGINES:
-        raise BadInputError(f"unknown engine {requested!r}; choose one of {', '.join(ENGINES)}")
-    if requested == "factored" and not check.piecewise_linear:
-        raise BadInputError(f"engine 'factored' would not be exact: {check.reason}; use 'exact' or 'auto'")
-    if requested == "monte_carlo":
-        if not check.piecewise_linear:
-            raise BadInputError(f"engine 'monte_carlo' needs a piecewise-linear suffix: {check.reason}; use 'hutchinson'")
-        return EngineChoice("monte_carlo", "requested: Monte-Carlo sampled loss-Hessian factors, not exact", exact=False)
-    if requested == "auto":
-        name = "factored" if check.piecewise_linear else "exact"
-        return EngineChoice(name, f"auto: {check.reason}", exact=True)
-    if requested == "hutchinson":
-        return EngineChoice("hutchinson", "requested: stochastic estimate, not exact", exact=False)
-    return EngineChoice(requested, f"requested: {check.reason}", exact=True)
-
-
 def batches_of(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Consecutive batches; their order fixes the reduction order."""
     if batch_size < 1:
@@ -71,55 +41,111 @@ def batches_of(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[np.n
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
-class LayerCurvature:
-    """Compiled per-layer derivatives of one model, reusable across channel shards.
+def check_loss_value(total: float, examples: int) -> None:
+    if not np.isfinite(total):
+        raise NonFiniteLossError(f"the loss is {total} on a batch of {examples} examples; check the inputs, labels and weights")
 
-    Holds the traced TensorFlow functions for the lifetime of a worker, so each
-    shard pays only for its own computation.
-    """
 
-    def __init__(
-        self,
-        model: keras.Model,
-        layer: str,
-        *,
-        loss: str,
-        from_logits: bool = False,
-        weight: str = "kernel",
-        engine: str = "exact",
-        chunk_size: int = 128,
-        column_chunk: int = 16,
-        probes: int = 64,
-        samples: int = 16,
-        seed: int = 0,
-    ):
-        self.target = resolve_target(model, layer, weight)
-        self.loss = get_loss(loss, from_logits)
-        check = check_suffix(self.target, self.loss)
-        self.choice = choose_engine(engine, check)
+def float64_sum(parts: Iterable) -> np.ndarray | None:
+    """The float64 sum of ``parts`` in order (None parts skipped)."""
+    total = None
+    for part in parts:
+        if part is None:
+            continue
+        value = np.asarray(part, dtype=np.float64)
+        total = value if total is None else total + value
+    return total
+
+
+def check_data(model: keras.Model, loss: Loss, x: np.ndarray, y: np.ndarray) -> None:
+    """Raise BadInputError when inputs or labels do not fit the model."""
+    expected = tuple(model.inputs[0].shape[1:])
+    if tuple(np.shape(x)[1:]) != expected:
+        raise BadInputError(f"inputs have shape {np.shape(x)[1:]} per example; model {model.name!r} expects {expected}")
+    check_labels(loss, y, tuple(model.outputs[0].shape), len(x))
+
+
+class TensorCurvature:
+    """One tensor's engine, chosen and checked, with its traced functions: reusable across channel slices and
+    example blocks for the lifetime of a worker."""
+
+    def __init__(self, target: Target, loss: Loss, *, engine: str = "exact", chunk_size: int = 128, column_chunk: int = 16,
+                 probes: int = 64, samples: int = 16, seed: int = 0):
+        self.target, self.loss = target, loss
+        check = check_suffix(target, loss)
+        self.suffix_check = check
+        self.choice: EngineChoice = choose_engine(engine, check.piecewise_linear, check.reason)
         # Engines that take Hessian-vector products need verified second derivatives after the target.
-        self.second_order = check_second_order(self.target) if self.choice.name in SECOND_ORDER_ENGINES else None
-        self.problem = Problem(self.target, self.loss, rule_layers(self.target))
-        if self.choice.name == "exact":
-            self.engine = ExactEngine(self.problem, chunk_size, jit_compile=self.second_order.xla)
-        elif self.choice.name == "factored":
-            self.engine = FactoredEngine(self.problem, check.peel_softmax, column_chunk)
-        elif self.choice.name == "monte_carlo":
-            self.engine = MonteCarloFactorEngine(self.problem, check.peel_softmax, samples=samples, seed=seed)
-        else:
-            self.engine = HutchinsonEngine(self.problem, probes=probes, seed=seed)
-        self._gradient = tf.function(lambda x, y, start, stop: self.problem.batch_gradient(x, y, slice(start, stop)))
+        self.second_order = check_second_order(target) if self.choice.engine.needs_audit else None
+        self.problem = Problem(target, loss, rule_layers(target))
+        self.engine = build_engine(self.choice, self.problem, check.peel_softmax,
+                                   jit_compile=bool(self.second_order and self.second_order.xla), chunk_size=chunk_size,
+                                   column_chunk=column_chunk, probes=probes, samples=samples, seed=seed)
+        problem = self.problem
+        self._gradient = tf.function(lambda x, y, start, stop: problem.batch_gradient(x, y, slice(start, stop)))
         self.stderr: np.ndarray | None = None
 
+    def compute_sums(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], channels: slice | None = None) -> Derivatives:
+        """float64 sums over the examples of ``batches`` (per batch, then batches in order) for shard-axis ``channels``,
+        shaped like the weight restricted to them.
+
+        Partial sums of example blocks fold into the sums over all data; dividing by the number of
+        examples gives the derivatives of the mean loss.
+        """
+        channels = channel_slice(self.target, channels)
+        z_channels = self.target.weight.z_channels(channels)
+        if self.choice.engine.whole_data:
+            grad, diag = self._whole_data_sums(batches, z_channels, channels)
+        else:
+            grad, diag = self._batch_sums(batches, z_channels)
+        if not np.all(np.isfinite(diag)):
+            raise NonFiniteLossError(f"the Hessian diagonal of {self.target.name!r} is not finite")
+        weight = self.target.weight
+        return Derivatives(weight.to_weight(grad, channels), weight.to_weight(diag, channels))
+
+    def seconds_per_example(self, x, y) -> float:
+        """Seconds one example costs over every channel: the engine's own estimate where it has one, else one
+        example timed after a warm-up."""
+        estimate = getattr(self.engine, "seconds_per_example", None)
+        if estimate is not None:
+            return estimate(x, y)
+        self.compute_sums([(x[:1], y[:1])])
+        started = time.perf_counter()
+        self.compute_sums([(x[:1], y[:1])])
+        return time.perf_counter() - started
+
+    def _batch_sums(self, batches, z_channels: slice) -> tuple[np.ndarray, np.ndarray]:
+        grad = diag = None
+        for x, y in batches:
+            batch_grad, batch_diag, total = self.engine.batch_derivatives(x, y, z_channels)
+            check_loss_value(total, len(x))
+            grad, diag = float64_sum([grad, batch_grad]), float64_sum([diag, batch_diag])
+        return grad, diag
+
+    def _whole_data_sums(self, batches, z_channels: slice, channels: slice) -> tuple[np.ndarray, np.ndarray]:
+        grad = float64_sum(self._batch_gradient(x, y, z_channels) for x, y in batches)
+        diag, stderr = self.engine.diagonal_sum(batches, z_channels)
+        self.stderr = self.target.weight.to_weight(stderr, channels)
+        return grad, diag
+
+    def _batch_gradient(self, x, y, z_channels: slice) -> tf.Tensor:
+        grad, total = self._gradient(x, y, tf.constant(z_channels.start), tf.constant(z_channels.stop))
+        check_loss_value(float(total), len(x))
+        return grad
+
+
+class LayerCurvature(TensorCurvature):
+    """``TensorCurvature`` of ``layer``'s ``weight`` in ``model``, by layer path and weight name."""
+
+    def __init__(self, model: keras.Model, layer: str, *, loss: str, from_logits: bool = False, weight: str = "kernel",
+                 **options):
+        super().__init__(resolve_target(model, layer, weight), get_loss(loss, from_logits), **options)
+
     def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
-        model = self.target.model
-        expected = tuple(model.inputs[0].shape[1:])
-        if tuple(np.shape(x)[1:]) != expected:
-            raise BadInputError(f"inputs have shape {np.shape(x)[1:]} per example; model {model.name!r} expects {expected}")
-        check_labels(self.loss, y, tuple(model.outputs[0].shape), len(x))
+        check_data(self.target.model, self.loss, x, y)
 
     def compute(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], out_channels: slice | None = None) -> Derivatives:
-        """Derivatives of the mean loss over all ``batches`` for ``out_channels``."""
+        """Derivatives of the mean loss over all ``batches`` for shard-axis channels ``out_channels``."""
         examples = sum(len(x) for x, _ in batches)
         if examples == 0:
             raise BadInputError("the data set is empty")
@@ -127,58 +153,6 @@ class LayerCurvature:
         if self.stderr is not None:
             self.stderr = self.stderr / examples
         return Derivatives(sums.gradient / examples, sums.hessian_diagonal / examples)
-
-    def compute_sums(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], out_channels: slice | None = None) -> Derivatives:
-        """float64 sums over the examples of ``batches`` (per batch, then batches in order) for ``out_channels``.
-
-        Partial sums of example blocks fold into the sums over all data; dividing by the number of
-        examples gives the derivatives of the mean loss.
-        """
-        channels = channel_slice(self.target, out_channels)
-        if getattr(self.engine, "streams_gradient", False):
-            grad, diag = self._streamed_sums(batches, channels)
-        else:
-            grad, diag = self._separate_sums(batches, channels)
-        if not np.all(np.isfinite(diag)):
-            raise NonFiniteLossError(f"the Hessian diagonal of layer {self.target.layer.name!r} is not finite")
-        return Derivatives(as_kernel(grad, self.target, channels), as_kernel(diag, self.target, channels))
-
-    def _streamed_sums(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
-        grad = diag = None
-        for x, y in batches:
-            batch_grad, batch_diag, total = self.engine.batch_derivatives(x, y, channels)
-            self._check_loss(total, len(x))
-            grad, diag = self._sum([grad, batch_grad]), self._sum([diag, batch_diag])
-        return grad, diag
-
-    def _separate_sums(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
-        grad = self._sum(self._batch_gradient(x, y, channels) for x, y in batches)
-        if not self.choice.exact:
-            diag, stderr = self.engine.diagonal_sum(batches, channels)
-            self.stderr = as_kernel(stderr, self.target, channels)
-        else:
-            diag = self._sum(self.engine.batch_diagonal(x, y, channels) for x, y in batches)
-        return grad, diag
-
-    def _batch_gradient(self, x, y, channels: slice) -> tf.Tensor:
-        grad, total = self._gradient(x, y, tf.constant(channels.start), tf.constant(channels.stop))
-        self._check_loss(float(total), len(x))
-        return grad
-
-    @staticmethod
-    def _check_loss(total: float, examples: int) -> None:
-        if not np.isfinite(total):
-            raise NonFiniteLossError(f"the loss is {total} on a batch of {examples} examples; check the inputs, labels and weights")
-
-    @staticmethod
-    def _sum(parts: Iterable[tf.Tensor | None]) -> np.ndarray:
-        total = None
-        for part in parts:
-            if part is None:
-                continue
-            value = np.asarray(part, dtype=np.float64)
-            total = value if total is None else total + value
-        return total
 
 
 _CURVATURES: "collections.OrderedDict[tuple, tuple[weakref.ref, LayerCurvature]]" = collections.OrderedDict()
@@ -217,13 +191,14 @@ def layer_derivatives(
     batch_size: int = 32,
     **engine_options,
 ) -> Derivatives:
-    """Gradient and Hessian diagonal of the mean per-example loss w.r.t. ``layer``'s weight.
+    """Gradient and Hessian diagonal of the mean per-example loss w.r.t. ``layer``'s ``weight``.
 
-    The model runs in inference mode. ``engine`` is ``exact`` (any differentiable
-    suffix), ``factored`` (exact, piecewise-linear suffixes only; refused
-    otherwise), ``auto`` (factored where exact, else exact) or ``hutchinson``
-    (a stochastic estimate). Results are float64 NumPy arrays shaped like the
-    weight, or like its slice ``[..., out_channels]``.
+    ``layer`` is a layer name or a nested path (``stem/stem_conv``, ``mha/query``); ``weight`` one of
+    its target weights (``kernel``, ``bias``, ``depthwise_kernel``, ``gamma``, ...). The model runs in
+    inference mode. ``engine`` is ``exact`` (any differentiable suffix), ``factored`` (exact,
+    piecewise-linear suffixes only; refused otherwise), ``auto`` (factored where exact, else exact),
+    ``hutchinson`` or ``monte_carlo`` (stochastic estimates). Results are float64 NumPy arrays shaped
+    like the weight, or like its slice of ``out_channels`` along its shard axis.
     """
     curvature = cached_curvature(model, layer, loss=loss, from_logits=from_logits, weight=weight, engine=engine, **engine_options)
     curvature.check_data(x, y)

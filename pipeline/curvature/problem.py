@@ -1,8 +1,8 @@
 """A loss of a model as a function of the target layer's pre-activation z.
 
 Every engine works in z-space: the loss gradient w.r.t. W is a contraction of
-the layer's input patches with dL/dz, and its Hessian is J_zᵀ H_z J_z because z
-is linear in W.
+the target's patches with dL/dz, and its Hessian is J_zᵀ H_z J_z because z
+is affine in W.
 """
 
 from __future__ import annotations
@@ -13,21 +13,15 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from pipeline.curvature.layer_rules import second_order_rules
-from pipeline.curvature.target import Target
+from pipeline.curvature.graph import output_operation
+from pipeline.curvature.layer_facts import second_order_rules
+from pipeline.curvature.target import Target, channel_patches, contract
 from pipeline.losses import Loss
-
-
-def output_layer(model: keras.Model) -> keras.layers.Layer:
-    """The layer that produces the model's (single) output."""
-    if len(model.outputs) != 1:
-        raise ValueError(f"model {model.name!r} has {len(model.outputs)} outputs; exactly one is supported")
-    return model.outputs[0]._keras_history.operation
 
 
 def final_softmax(model: keras.Model) -> keras.layers.Layer | None:
     """The output layer if it ends in a softmax, else None."""
-    layer = output_layer(model)
+    layer = output_operation(model)
     if isinstance(layer, keras.layers.Softmax):
         return layer
     activation = getattr(layer, "activation", None)
@@ -59,14 +53,14 @@ def logits_output(model: keras.Model) -> keras.layers.Layer:
 
 @dataclass(frozen=True)
 class Problem:
-    """Mean per-example ``loss`` of ``target.model`` seen as a function of z."""
+    """Mean per-example ``loss`` of ``target.model`` seen as a function of the target stage's z."""
 
     target: Target
     loss: Loss
     rule_layers: tuple = ()
 
     def outputs(self, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
-        """Model output with the target layer's z replaced by z + delta.
+        """Model output with the target stage's z replaced by z + delta.
 
         ``rule_layers`` evaluate through their second-order rules: the same values,
         autodiff that is exact to second order.
@@ -77,13 +71,14 @@ class Problem:
     def loss_sum(self, x: tf.Tensor, y: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
         return tf.reduce_sum(self.loss.per_example(self.outputs(x, delta), y))
 
-    def batch_gradient(self, x, y, channels: slice) -> tuple[tf.Tensor, tf.Tensor]:
-        """(sum over the batch of dl/dW[:, channels] as (P, O), sum of losses)."""
-        a = self.target.layer_input(x)
-        delta = tf.zeros_like(self.target.pre_activation(a))
+    def batch_gradient(self, x, y, z_channels: slice) -> tuple[tf.Tensor, tf.Tensor]:
+        """(sum over the batch of dl/dW for the z channels ``z_channels`` as (F, O'), sum of losses)."""
+        target = self.target
+        u = target.input_stage(x)
+        delta = tf.zeros_like(target.pre_activation(u))
         with tf.GradientTape() as tape:
             tape.watch(delta)
             total = self.loss_sum(x, y, delta)
-        dz = self.target.flat_output(tape.gradient(total, delta))[:, :, channels]
-        patches = self.target.patches(a)
-        return tf.einsum("nsp,nso->po", patches, dz), total
+        dz = target.flat(tape.gradient(total, delta))[:, :, z_channels]
+        patches = channel_patches(target.patches(u), target.group_ids(z_channels))
+        return contract(patches, dz), total

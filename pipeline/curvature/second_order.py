@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.audit import AuditResult, audit_function, load_table
-from pipeline.curvature.layer_rules import activation_name, is_keras_activation, rule_for, second_order_rules
-from pipeline.curvature.suffix import suffix_layers
+from pipeline.curvature.layer_facts import activation_name, is_keras_activation, rule_for, second_order_rules
+from pipeline.curvature.suffix import suffix_operations
 from pipeline.curvature.target import Target
 from pipeline.errors import BadInputError
 
@@ -34,36 +34,54 @@ def _is_keras_class(layer) -> bool:
     return getattr(keras.layers, type(layer).__name__, None) is type(layer)
 
 
-def flatten_layers(layers) -> list[keras.layers.Layer]:
-    """Layers with nested models replaced by their own layers, recursively."""
-    found = []
-    for layer in layers:
-        if isinstance(layer, keras.Model):
-            found += flatten_layers(layer.layers)
-        elif not isinstance(layer, keras.layers.InputLayer):
-            found.append(layer)
-    return found
+SMALL_SIDE = 4  # audited inputs keep their channels and shrink every other axis to at most this
+AUDIT_MAX_ENTRIES = 4096  # an input the operation needs at its own size is audited only up to this size
 
 
-def audit_layer_instance(layer: keras.layers.Layer) -> AuditResult:
-    """Audit a float64 copy of ``layer`` (same config and weights), called as the model calls it."""
-    label = f"{layer.name} ({type(layer).__name__})"
+def _float64_copy(operation, shapes):
+    """A float64 copy of ``operation`` (same config and weights) and a function calling it as its node does, built
+    for per-example input ``shapes``."""
+    node = operation._inbound_nodes[0]
+    tensors = node.arguments.keras_tensors
+    config = operation.get_config()
+    clone = type(operation).from_config({**config, "dtype": "float64"} if isinstance(operation, keras.layers.Layer) else config)
+
+    def call(xs):
+        args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(tensors, xs)})
+        with second_order_rules([clone]):
+            return clone(*args, **kwargs)
+
+    call([tf.zeros((1, *s), tf.float64) for s in shapes])
+    if isinstance(operation, keras.layers.Layer):
+        clone.set_weights([np.asarray(w, np.float64) for w in operation.get_weights()])
+    return call
+
+
+def audit_layer_instance(operation) -> AuditResult:
+    """Audit a float64 copy of ``operation`` (a layer with its weights, or a ``keras.ops`` node), called as the
+    model calls it, on a small input of the same shape class: its channels, every other axis at most
+    ``SMALL_SIDE``; at its own size only where it needs that and it is small."""
+    label = f"{operation.name} ({type(operation).__name__})"
     try:
-        node = layer._inbound_nodes[0]
-        tensors = node.arguments.keras_tensors
-        shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
-        clone = type(layer).from_config({**layer.get_config(), "dtype": "float64"})
-
-        def call(xs):
-            args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(tensors, xs)})
-            with second_order_rules([clone]):
-                return clone(*args, **kwargs)
-
-        call([tf.zeros((1, *s), tf.float64) for s in shapes])
-        clone.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
-    except Exception as exc:  # noqa: BLE001 - a layer we cannot copy in float64 cannot be verified
-        return AuditResult(label, False, float("inf"), 0, f"cannot be audited in float64 ({type(exc).__name__}: {exc})"[:300])
-    return audit_function(call, shapes, label)
+        tensors = operation._inbound_nodes[0].arguments.keras_tensors
+        full = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
+    except Exception as exc:  # noqa: BLE001 - an operation without a node cannot be called as the model calls it
+        return AuditResult(label, False, float("inf"), 0, f"cannot be audited ({type(exc).__name__}: {exc})"[:300])
+    small = [tuple(min(d, SMALL_SIDE) for d in s[:-1]) + s[-1:] for s in full]
+    failures = []
+    for shapes in (small, full) if small != full else (full,):
+        entries = sum(int(np.prod(s)) for s in shapes)
+        if shapes is full and small != full and entries > AUDIT_MAX_ENTRIES:
+            break
+        try:
+            call = _float64_copy(operation, shapes)
+        except Exception as exc:  # noqa: BLE001 - a copy that cannot run in float64 at this size
+            failures.append(f"{type(exc).__name__}: {exc}")
+            continue
+        return audit_function(call, shapes, label)
+    detail = "; ".join(failures) or "no input small enough to audit"
+    return AuditResult(label, False, float("inf"), 0,
+                       f"cannot be audited in float64 on an input of at most {AUDIT_MAX_ENTRIES} entries ({detail})"[:300])
 
 
 def audit_activation(name: str, fn) -> AuditResult:
@@ -86,8 +104,8 @@ class SecondOrderCheck:
 
 
 def rule_layers(target: Target) -> tuple[keras.layers.Layer, ...]:
-    """The target and every layer after it (nested models flattened): the layers that rules may patch."""
-    return (target.layer, *flatten_layers(suffix_layers(target)))
+    """The target and every operation after it (nested models flattened): the ones that rules may patch."""
+    return (target.layer, *suffix_operations(target))
 
 
 def _refuse(layer, what: str, result: AuditResult) -> None:

@@ -23,6 +23,7 @@ from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.columns import factor_columns
 from pipeline.curvature.factored import dense_products
 from pipeline.curvature.problem import Problem
+from pipeline.curvature.target import channel_patches, contract, expand
 
 
 def mean_and_stderr(estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,24 +40,26 @@ def rademacher_probe(seed: int, probe: int, shape) -> tf.Tensor:
 
 
 def probe_products(problem: Problem, x, y, probes: tf.Tensor, start: tf.Tensor, stop: tf.Tensor) -> tf.Tensor:
-    """Sum over the batch of (v ⊙ H_W v)[:, start:stop] for each whole-weight probe v in (K, P, C).
+    """Sum over the batch of (v ⊙ H_W v)[:, start:stop] for each whole-weight probe v in (K, F, O), z channels start:stop.
 
-    Probes span every output channel, so a shard's estimate is exactly the
-    slice of the whole-weight estimate, whatever the sharding.
+    Probes span every channel, so a shard's estimate is exactly the slice of the whole-weight
+    estimate, whatever the sharding.
     """
     target = problem.target
-    a = target.layer_input(x)
-    patches = target.patches(a)
-    z = target.pre_activation(a)
+    u_in = target.input_stage(x)
+    z = target.pre_activation(u_in)
+    raw = target.patches(u_in)
+    every = channel_patches(raw, target.group_ids(slice(0, target.z_channels)))
+    mine = channel_patches(raw, target.group_ids(slice(start, stop)))
 
     def loss_of(delta):
         return problem.loss_sum(x, y, delta)
 
     def one(v):
         v = tf.cast(v, z.dtype)
-        u = tf.reshape(tf.einsum("nsp,po->nso", patches, v), tf.shape(z))
-        hu = target.flat_output(hvp(loss_of, tf.zeros_like(z), u))[:, :, start:stop]
-        return v[:, start:stop] * tf.einsum("nsp,nso->po", patches, hu)
+        u = tf.reshape(expand(every, v), tf.shape(z))
+        hu = target.flat(hvp(loss_of, tf.zeros_like(z), u))[:, :, start:stop]
+        return v[:, start:stop] * contract(mine, hu)
 
     return tf.vectorized_map(one, probes)
 
@@ -75,8 +78,8 @@ class HutchinsonEngine:
         self._products = tf.function(functools.partial(probe_products, problem))
 
     def diagonal_sum(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
-        """(mean over probes of the summed estimate, its standard error), each (P, O)."""
-        shape = (int(np.prod(self.problem.target.shape[:-1])), self.problem.target.out_channels)
+        """(mean over probes of the summed estimate, its standard error), each (F, O') for z channels ``channels``."""
+        shape = (self.problem.target.features, self.problem.target.z_channels)
         estimates = []
         for first in range(0, self.probes, self.probe_chunk):
             ids = range(first, min(first + self.probe_chunk, self.probes))
@@ -108,16 +111,18 @@ class MonteCarloFactorEngine:
             return factor_columns(problem, x, y, ids, start, stop, peel_softmax, sampled)
 
         self._columns = tf.function(columns)
-        self._patches = tf.function(problem.target.input_patches)
+        target = problem.target
+        self._patches = tf.function(lambda x, start, stop: channel_patches(target.patches(target.input_stage(x)),
+                                                                           target.group_ids(slice(start, stop))))
         self._products = tf.function(dense_products)
 
     def diagonal_sum(self, batches, channels: slice) -> tuple[np.ndarray, np.ndarray]:
-        """(sum over examples of the estimate, its standard error), each (P, O)."""
+        """(sum over examples of the estimate, its standard error), each (F, O') for z channels ``channels``."""
         bounds = tf.constant(channels.start), tf.constant(channels.stop)
         per_sample = None
         for index, (x, y) in enumerate(batches):
             columns = self._columns(x, y, tf.constant(self.seed * 1_000_003 + index), *bounds)
-            patches = self._patches(x)
+            patches = self._patches(x, *bounds)
             parts = np.stack([self._products(patches, columns[m : m + 1]).numpy() for m in range(self.samples)])
             per_sample = parts if per_sample is None else per_sample + parts
         return mean_and_stderr(per_sample * self.samples)  # each sample alone is an unbiased estimate

@@ -1,9 +1,9 @@
-"""Is everything between the target layer and the loss piecewise linear?
+"""Is everything between a target's stage and the loss piecewise linear, and which operations come after it?
 
-When it is, the suffix's second-order terms vanish almost everywhere and the
-factored engine is exact. The answer comes from the table of layer facts (``layer_rules``);
-an unlisted layer type or activation makes the suffix "not piecewise linear",
-so the check can be wrong only by refusing, never by approximating.
+When it is, the suffix's second-order terms vanish almost everywhere and the factored engine is
+exact. The answer comes from the table of layer facts (``layer_facts``) step by step over the
+model's flattened graph (``graph``); an operation the table does not describe makes the suffix "not
+piecewise linear", so the check can be wrong only by refusing, never by approximating.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import keras
 
-from pipeline.curvature.layer_rules import AFFINE_LAYERS, PIECEWISE_LINEAR_ACTIVATIONS, PIECEWISE_LINEAR_LAYERS, activation_name
+from pipeline.curvature.graph import Suffix, flat_steps, suffix_of
 from pipeline.curvature.problem import final_softmax
 from pipeline.curvature.target import Target
 from pipeline.losses import Loss
+
 
 @dataclass(frozen=True)
 class SuffixCheck:
@@ -33,49 +34,53 @@ class SuffixCheck:
         return "not piecewise linear after the target layer: " + ", ".join(self.offending)
 
 
-def suffix_layers(target: Target) -> list[keras.layers.Layer]:
-    """Layers downstream of the target layer, in discovery order."""
-    seen: dict[int, keras.layers.Layer] = {}
-    frontier = [target.layer]
-    while frontier:
-        layer = frontier.pop()
-        for node in layer._outbound_nodes:
-            nxt = node.operation
-            if id(nxt) not in seen and nxt is not target.model:
-                seen[id(nxt)] = nxt
-                frontier.append(nxt)
-    return list(seen.values())
+def peeled_softmax(model: keras.Model, loss: Loss):
+    """The final softmax a cross-entropy on probabilities folds in (None when the loss takes logits or there is none)."""
+    return final_softmax(model) if loss.is_cross_entropy and not loss.from_logits else None
 
 
-def _layer_problem(layer, allowed_softmax) -> str | None:
-    """Why ``layer`` is not piecewise linear, or None when it is."""
-    if isinstance(layer, keras.Model):
-        nested = [_layer_problem(inner, None) for inner in layer.layers]
-        found = [p for p in nested if p]
-        return f"{layer.name} ({'; '.join(found)})" if found else None
-    if layer is allowed_softmax:
+def containing_step(target: Target):
+    """The graph step whose operation is the target layer or contains it as a sublayer (``mha/query``)."""
+    steps, _, _ = flat_steps(target.model)
+    for step in steps:
+        if step.operation is target.layer:
+            return step
+    for step in steps:
+        if step.operation is not None and any(inner is target.layer for inner in step.operation._flatten_layers(include_self=False)):
+            return step
+    raise ValueError(f"layer {target.path!r} is not reached by model {target.model.name!r}'s graph")
+
+
+def target_suffix(target: Target, loss: Loss) -> Suffix | None:
+    """The ``Suffix`` after ``target``'s layer, or None when the target is a sublayer of another layer."""
+    if containing_step(target).operation is not target.layer:
         return None
-    if isinstance(layer, PIECEWISE_LINEAR_LAYERS):
-        return None
-    if isinstance(layer, AFFINE_LAYERS):
-        name = activation_name(layer)
-        if name in PIECEWISE_LINEAR_ACTIVATIONS:
-            return None
-        return f"{layer.name} ({type(layer).__name__} with activation {name!r})"
-    return f"{layer.name} ({type(layer).__name__})"
+    return suffix_of(target.model, [target.layer], peeled=peeled_softmax(target.model, loss))
 
 
 def check_suffix(target: Target, loss: Loss) -> SuffixCheck:
-    """Inspect the target's own activation and every downstream layer."""
-    softmax = final_softmax(target.model) if loss.is_cross_entropy and not loss.from_logits else None
-    offending = []
-    own = activation_name(target.layer)
-    if own not in PIECEWISE_LINEAR_ACTIVATIONS and target.layer is not softmax:
-        offending.append(f"{target.layer.name} (own activation {own!r})")
-    for layer in suffix_layers(target):
-        problem = _layer_problem(layer, softmax)
-        if problem:
-            offending.append(problem)
+    """Inspect the target's own activation and every operation after it."""
+    softmax = peeled_softmax(target.model, loss)
+    suffix = target_suffix(target, loss)
+    if suffix is None:
+        step = containing_step(target)
+        offending = [f"{target.path} is inside {step.label}, which the engines treat as a whole"]
+    else:
+        offending = list(suffix.offending)
     if loss.is_cross_entropy and not loss.from_logits and softmax is None:
         offending.append("loss (cross-entropy on probabilities without a final softmax)")
     return SuffixCheck(piecewise_linear=not offending, offending=tuple(offending), peel_softmax=softmax is not None)
+
+
+def suffix_operations(target: Target) -> list:
+    """The operations after the target (its containing layer, for a sublayer, first), nested models flattened."""
+    step = containing_step(target)
+    steps, _, _ = flat_steps(target.model)
+    downstream = set(step.outputs)
+    found = [] if step.operation is target.layer else [step.operation]
+    for other in steps[steps.index(step) + 1:]:
+        if any(i in downstream for i in other.inputs):
+            downstream.update(other.outputs)
+            if other.operation is not None:
+                found.append(other.operation)
+    return found

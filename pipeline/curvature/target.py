@@ -1,22 +1,26 @@
-"""The target layer: its weight, its linear map, and a way to perturb its output.
+"""Targets: which weight tensors of a model are differentiated, found by path, pattern or ``all``.
 
-The target layer computes z = linear(a, W) + b, then its activation. z is linear
-in W, so every derivative w.r.t. W is a contraction of "patches" of the layer
-input a with a derivative w.r.t. z. This module owns that contraction for each
-supported layer type, and a context manager that replaces the layer's output by
-``activation(z + delta)`` so engines can differentiate in z-space.
+A target is one weight of one layer (possibly inside a nested model, or a sublayer such as
+MultiHeadAttention's ``query``), seen through its layer's kind (``kinds``): the affine stage it
+enters, its patches, its layout. Engines work in z-space: ``perturbed`` makes the layer return
+what it would if its stage's output were z + delta.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
+import functools
+import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from pipeline.curvature.kinds import LayerKind, Stage, TargetWeight
+from pipeline.curvature.layer_facts import kind_of
 from pipeline.errors import BadInputError
 
 
@@ -26,75 +30,88 @@ class _PrefixDone(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """A Conv2D or Dense layer of a model and which of its weights is W."""
+    """One weight of one layer of ``model``: the layer at ``path``, its kind, the stage the weight enters."""
 
     model: keras.Model
+    path: str
     layer: keras.layers.Layer
-    weight_name: str
+    kind: LayerKind
+    stage_index: int
+    weight: TargetWeight
+
+    @property
+    def name(self) -> str:
+        """``layer path/weight``, as the store and results name it."""
+        return f"{self.path}/{self.weight.name}"
+
+    @property
+    def stage(self) -> Stage:
+        return self.kind.stages[self.stage_index]
 
     @property
     def variable(self) -> keras.Variable:
-        return getattr(self.layer, self.weight_name)
+        return getattr(self.layer, self.weight.name)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.variable.shape)
+        return self.weight.shape
 
     @property
-    def out_channels(self) -> int:
-        return self.shape[-1]
+    def channels(self) -> int:
+        """Length of the weight's shard axis (the channels work units split)."""
+        return self.weight.channels
 
     @property
-    def is_conv(self) -> bool:
-        return isinstance(self.layer, keras.layers.Conv2D)
+    def z_channels(self) -> int:
+        return self.weight.channels * self.weight.z_channels_per_channel
 
-    def pre_activation(self, a: tf.Tensor) -> tf.Tensor:
-        """z = linear(a, W) + b, computed exactly as the layer does before its activation."""
-        layer = self.layer
-        if self.is_conv:
-            z = layer.convolution_op(a, layer.kernel)
-        else:
-            z = tf.tensordot(a, layer.kernel, axes=[[a.shape.rank - 1], [0]])
-        if layer.use_bias:
-            z = z + layer.bias
-        return z
+    @property
+    def features(self) -> int:
+        return self.weight.feature_count
 
-    def patches(self, a: tf.Tensor) -> tf.Tensor:
-        """(N, S, P) inputs seen by each of the S output positions; P = prod(W.shape[:-1]).
+    @functools.cached_property
+    def z_shape(self) -> tuple[int, ...]:
+        """Per-example shape of the target stage's z (from one forward pass of the prefix on zeros)."""
+        spec = self.model.inputs[0]
+        zeros = tf.zeros((1, *spec.shape[1:]), spec.dtype)
+        return tuple(int(d) for d in self.pre_activation(self.input_stage(zeros)).shape[1:])
 
-        dz[n, s, o] / dW[p, o] = patches[n, s, p], with p the C-order index of W[..., o].
-        """
-        layer = self.layer
-        if not self.is_conv:
-            return tf.reshape(a, (tf.shape(a)[0], -1, a.shape[-1]))
-        kh, kw = layer.kernel_size
-        sh, sw = layer.strides
-        dh, dw = layer.dilation_rate
-        patches = tf.image.extract_patches(
-            a,
-            sizes=[1, kh, kw, 1],
-            strides=[1, sh, sw, 1],
-            rates=[1, dh, dw, 1],
-            padding=layer.padding.upper(),
-        )
-        return tf.reshape(patches, (tf.shape(a)[0], -1, patches.shape[-1]))
+    @property
+    def positions(self) -> int:
+        """S: the entries of z per channel and example."""
+        return math.prod(self.z_shape[: len(self.z_shape) - self.stage.channel_axes])
 
-    def input_patches(self, x: tf.Tensor) -> tf.Tensor:
-        """``patches`` of the layer input for model input ``x`` (runs only the prefix)."""
-        return self.patches(self.layer_input(x))
+    def group_ids(self, z_channels: slice) -> tf.Tensor:
+        """The patch group of each z channel in ``z_channels`` (bounds may be tensors)."""
+        return tf.range(z_channels.start, z_channels.stop) // (self.z_channels // self.weight.groups)
 
-    def flat_output(self, z_like: tf.Tensor) -> tf.Tensor:
-        """(N, S, C) view of a tensor shaped like z."""
-        return tf.reshape(z_like, (tf.shape(z_like)[0], -1, z_like.shape[-1]))
+    def stage_input(self, a: tf.Tensor) -> tf.Tensor:
+        return self.kind.stage_input(self.stage_index, a)
+
+    def pre_activation(self, u: tf.Tensor) -> tf.Tensor:
+        """z of the target's stage from the stage input ``u``."""
+        return self.stage.z(u)
+
+    def patches(self, u: tf.Tensor) -> tf.Tensor:
+        """(N, S, G, F) patches of the target weight for stage input ``u``."""
+        return self.stage.patches(self.weight.name, u)
+
+    def flat(self, z_like: tf.Tensor) -> tf.Tensor:
+        """(N, S, O) view of a tensor shaped like z."""
+        return self.stage.flat(z_like)
+
+    def flat_columns(self, columns: tf.Tensor) -> tf.Tensor:
+        """(K, N, S, O) view of columns (K, N, ...) shaped like z."""
+        return tf.reshape(columns, (tf.shape(columns)[0], tf.shape(columns)[1], -1, self.z_channels))
 
     @contextlib.contextmanager
     def perturbed(self, delta_fn) -> Iterator[None]:
-        """Within the block the layer returns ``activation(z + delta_fn(z))``."""
-        layer = self.layer
+        """Within the block the layer returns what it would if its stage's z were ``z + delta_fn(z)``."""
+        layer, kind, index = self.layer, self.kind, self.stage_index
 
         def call(inputs, *args, **kwargs):
-            z = self.pre_activation(inputs)
-            return layer.activation(z + delta_fn(z))
+            z = kind.stages[index].z(kind.stage_input(index, inputs))
+            return kind.after(index, z + delta_fn(z))
 
         layer.call = call
         try:
@@ -103,7 +120,7 @@ class Target:
             del layer.call
 
     def layer_input(self, x: tf.Tensor) -> tf.Tensor:
-        """The target layer's input for model input ``x``; runs only the prefix."""
+        """The layer's input for model input ``x``; runs only the prefix."""
         layer = self.layer
         seen = []
 
@@ -118,55 +135,138 @@ class Target:
             return seen[0]
         finally:
             del layer.call
-        raise RuntimeError(f"layer {layer.name!r} was not called by the model's forward pass")
+        raise RuntimeError(f"layer {self.path!r} was not called by the model's forward pass")
+
+    def input_stage(self, x: tf.Tensor) -> tf.Tensor:
+        """The target stage's input for model input ``x``."""
+        return self.stage_input(self.layer_input(x))
+
+
+def layer_paths(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
+    """(path, layer) of every layer in model order, nested models and sublayers (``mha/query``) included."""
+    found: list[tuple[str, keras.layers.Layer]] = []
+
+    def visit(layer, prefix):
+        children = layer.layers if isinstance(layer, keras.Model) else layer._flatten_layers(include_self=False, recursive=False)
+        for child in children:
+            if isinstance(child, keras.layers.InputLayer):
+                continue
+            path = f"{prefix}{child.name}"
+            found.append((path, child))
+            visit(child, f"{path}/")
+
+    visit(model, "")
+    return found
 
 
 def layer_names(model: keras.Model) -> list[str]:
-    return [layer.name for layer in model.layers]
+    return [path for path, _ in layer_paths(model)]
 
 
-def resolve_target(model: keras.Model, layer_name: str, weight: str = "kernel") -> Target:
-    """Find ``layer_name`` in ``model``; raise BadInputError listing what exists."""
-    names = layer_names(model)
-    if layer_name not in names:
-        raise BadInputError(f"layer {layer_name!r} not found; layers are: {', '.join(names)}")
-    layer = model.get_layer(layer_name)
-    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+def _close_to(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _targetable_weights(layer) -> list[str]:
+    kind = kind_of(layer)
+    return list(kind.weight_names) if kind is not None else []
+
+
+def make_target(model: keras.Model, path: str, layer: keras.layers.Layer, weight: str) -> Target:
+    """The target for ``weight`` of ``layer``; raises BadInputError saying what the layer offers."""
+    kind = kind_of(layer)
+    if kind is None:
         raise BadInputError(
-            f"layer {layer_name!r} is a {type(layer).__name__}; supported target layers are Conv2D and Dense"
-        )
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        raise BadInputError(f"layer {layer_name!r} uses {layer.data_format}; only channels_last is supported")
-    if getattr(layer, "groups", 1) != 1:
-        raise BadInputError(f"layer {layer_name!r} is a grouped convolution; only groups=1 is supported")
-    if weight != "kernel":
-        weights = [w.path.split("/")[-1] for w in layer.weights]
-        raise BadInputError(
-            f"weight {weight!r} of layer {layer_name!r} is not supported; its weights are {weights},"
-            " and derivatives are computed for 'kernel'"
-        )
-    return Target(model=model, layer=layer, weight_name=weight)
+            f"layer {path!r} is a {type(layer).__name__}, which cannot be a target; target kinds are the"
+            " convolutions (1-D to 3-D, grouped, depthwise, separable, transposed), Dense, EinsumDense,"
+            " Embedding, BatchNormalization and LayerNormalization")
+    if weight not in kind.weight_names:
+        present = [w.path.split("/")[-1] for w in layer.weights]
+        raise BadInputError(f"layer {path!r} ({type(layer).__name__}) has no target weight {weight!r}; its target"
+                            f" weights are {list(kind.weight_names)} (all its weights: {present})")
+    if len(getattr(layer, "_inbound_nodes", [])) > 1:
+        raise BadInputError(f"layer {path!r} is called {len(layer._inbound_nodes)} times in the model; a target"
+                            " must be called once (its weight would enter the loss at several places)")
+    index = kind.stage_of(weight)
+    return Target(model, path, layer, kind, index, kind.stages[index].weights[weight])
 
 
-def channel_slice(target: Target, out_channels: slice | None) -> slice:
-    """Normalize and check a slice of output channels of ``target``."""
-    total = target.out_channels
-    if out_channels is None:
+def resolve_target(model: keras.Model, layer_path: str, weight: str = "kernel") -> Target:
+    """The target at ``layer_path`` (a layer name, or a nested path such as ``stem/stem_conv``)."""
+    paths = dict(layer_paths(model))
+    if layer_path not in paths:
+        raise BadInputError(f"layer {layer_path!r} not found{_close_to(layer_path, list(paths))}; layers are: "
+                            f"{', '.join(paths)}")
+    return make_target(model, layer_path, paths[layer_path], weight)
+
+
+def resolve_targets(model: keras.Model, specs: Sequence[tuple[str, str]] | str) -> list[Target]:
+    """Targets for ``all`` or for (layer pattern, weight) pairs, in model order, each once.
+
+    A pattern is a layer path or a glob over layer paths (``block5_*``). A glob keeps the matched layers
+    that have the weight; a pattern that matches none of them, or a named layer without the weight,
+    raises BadInputError naming what exists.
+    """
+    paths = layer_paths(model)
+    targetable = [(path, layer) for path, layer in paths if _targetable_weights(layer)]
+    if specs == "all":
+        if not targetable:
+            raise BadInputError(f"model {model.name!r} has no layer whose weights can be targets")
+        return [make_target(model, path, layer, w) for path, layer in targetable for w in _targetable_weights(layer)]
+    chosen: dict[str, Target] = {}
+    for pattern, weight in specs:
+        if not any(ch in pattern for ch in "*?["):
+            target = resolve_target(model, pattern, weight)
+            chosen.setdefault(target.name, target)
+            continue
+        matched = [(path, layer) for path, layer in paths if fnmatch.fnmatchcase(path, pattern)]
+        with_weight = [(path, layer) for path, layer in matched if weight in _targetable_weights(layer)]
+        if not with_weight:
+            offered = sorted({w for _, layer in matched for w in _targetable_weights(layer)})
+            raise BadInputError(
+                f"target pattern {pattern!r} with weight {weight!r} matches no target"
+                + (f": the layers it matches offer {offered}" if offered else
+                   f"; targetable layers are: {', '.join(p for p, _ in targetable)}"))
+        for path, layer in with_weight:
+            target = make_target(model, path, layer, weight)
+            chosen.setdefault(target.name, target)
+    order = {path: i for i, (path, _) in enumerate(paths)}
+    return sorted(chosen.values(), key=lambda t: (order[t.path], _targetable_weights(t.layer).index(t.weight.name)))
+
+
+def channel_slice(target: Target, channels: slice | None) -> slice:
+    """Normalize and check a slice of ``target``'s shard-axis channels."""
+    total = target.channels
+    if channels is None:
         return slice(0, total)
-    start, stop, step = out_channels.indices(total)
-    requested = (out_channels.start, out_channels.stop)
+    start, stop, step = channels.indices(total)
+    requested = (channels.start, channels.stop)
     if step != 1 or start >= stop or any(v is not None and not 0 <= v <= total for v in requested):
         raise BadInputError(
-            f"out_channels {out_channels} is not a non-empty contiguous range within [0, {total})"
-            f" for layer {target.layer.name!r}"
+            f"out_channels {channels} is not a non-empty contiguous range within [0, {total}) for {target.name!r}"
         )
     return slice(start, stop)
 
 
-def kernel_shape_of(target: Target, channels: slice) -> tuple[int, ...]:
-    return target.shape[:-1] + (channels.stop - channels.start,)
+def channel_patches(patches: tf.Tensor, groups: tf.Tensor) -> tf.Tensor:
+    """Patches (N, S, G, F) as the engines contract them: (N, S, F) when one group serves every channel, else
+    (N, S, O', F) with each of the O' z channels' own group (``groups``: the group of each)."""
+    if patches.shape[2] == 1:
+        return patches[:, :, 0]
+    return tf.gather(patches, groups, axis=2)
 
 
-def as_kernel(flat: np.ndarray, target: Target, channels: slice) -> np.ndarray:
-    """(P, O) -> W.shape[:-1] + (O,)."""
-    return np.asarray(flat).reshape(kernel_shape_of(target, channels))
+def contract(patches: tf.Tensor, dz: tf.Tensor) -> tf.Tensor:
+    """(F, O') Σ_{n,s} P[n, s, (o,) f] dz[n, s, o]: the weight gradient of cotangents ``dz`` (N, S, O')."""
+    return tf.einsum("nsf,nso->fo" if patches.shape.rank == 3 else "nsof,nso->fo", patches, dz)
+
+
+def expand(patches: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """(N, S, O') Σ_f P[n, s, (o,) f] values[f, o]: the z-direction of weight-space ``values`` (F, O')."""
+    return tf.einsum("nsf,fo->nso" if patches.shape.rank == 3 else "nsof,fo->nso", patches, values)
+
+
+def column_gradients(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    """(C, N, F, O') per-example weight gradients of columns (C, N, S, O')."""
+    return tf.einsum("nsf,cnso->cnfo" if patches.shape.rank == 3 else "nsof,cnso->cnfo", patches, columns)

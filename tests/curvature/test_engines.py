@@ -148,10 +148,10 @@ def test_exact_engine_runs_as_a_graph_where_xla_cannot_compile(caplog):
         np.testing.assert_array_equal(a, b)
 
 
-def test_exact_engine_by_xla_agrees_with_factored_autodiff_columns():
-    """A piecewise-linear suffix without transpose rules (ZeroPadding2D, LeakyReLU): the factored engine's
-    autodiff columns (first derivatives only) against the XLA-compiled exact engine. Traced inside an XLA
-    context, TensorFlow differentiated this suffix through ops with no second-order gradient."""
+def test_exact_engine_by_xla_agrees_with_the_factored_rules():
+    """A suffix through ZeroPadding2D and LeakyReLU: the factored engine's transpose rules (first derivatives
+    only) against the XLA-compiled exact engine. Traced inside an XLA context, TensorFlow differentiated this
+    suffix through ops with no second-order gradient."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="target")(inp)
@@ -162,7 +162,7 @@ def test_exact_engine_by_xla_agrees_with_factored_autodiff_columns():
     options = dict(loss="sparse_categorical_crossentropy", from_logits=True)
     factored = LayerCurvature(model, "target", engine="factored", **options)
     exact = LayerCurvature(model, "target", engine="exact", **options)
-    assert factored.engine.column_method == "autodiff" and exact.engine.compiler == "xla"
+    assert factored.engine.column_method == "rules" and exact.engine.compiler == "xla"
     for a, b in zip(factored.compute(batches_of(x, y, 3)), exact.compute(batches_of(x, y, 3))):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
     assert exact.engine.compiler == "xla"

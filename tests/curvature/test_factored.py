@@ -1,15 +1,16 @@
-"""The factored engine's two product paths agree with each other and with plain sums of squares;
-its batched transpose rules give the same factor columns as autodiff."""
+"""The factored engine: its product paths agree with plain sums of squares, its transpose rules give the autodiff
+columns at every target of one shared pass, and the shared pass equals each tensor computed alone."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature
-from pipeline.curvature.columns import (factor_columns, rule_columns, rule_forward, rule_graph, rule_support,
-                                        support_positions)
-from pipeline.curvature.factored import SPARSE_MIN_CLASSES, dense_products, gram_products, gram_update, support_products
-from pipeline.curvature.suffix import check_suffix
+from pipeline.curvature.columns import backward, factor_columns, site_key, support_positions
+from pipeline.curvature.factored import FactoredPass, dense_products, gram_products, gram_update
+from pipeline.curvature.network import NetworkCurvature
+from pipeline.curvature.problem import Problem
+from pipeline.curvature.target import resolve_targets
 from pipeline.losses import get_loss
 from tests.curvature.cases import CASES
 
@@ -21,16 +22,31 @@ def _columns_with_shared_support(rng, classes, examples, positions, channels):
     return (values * support).astype("float32")
 
 
-def test_sparse_gram_and_direct_paths_equal_dense_sums_of_squares():
-    rng = np.random.default_rng(0)
-    patches = rng.normal(size=(3, 20, 7)).astype("float32")
-    for classes in (2, 90):  # direct path (active positions >= classes) and Gram path (fewer)
-        columns = _columns_with_shared_support(rng, classes, 3, 20, 4)
-        expected = np.einsum("nsp,cnso->cnpo", patches.astype(float), columns.astype(float))
-        expected = (expected**2).sum(axis=(0, 1))
-        for products in (support_products, dense_products):
-            got = tf.function(products)(tf.constant(patches), tf.constant(columns)).numpy()
-            np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+def _sums_of_squares(patches, columns):
+    if patches.ndim == 3:
+        grads = np.einsum("nsp,cnso->cnpo", patches.astype(float), columns.astype(float))
+    else:
+        grads = np.einsum("nsop,cnso->cnpo", patches.astype(float), columns.astype(float))
+    return (grads**2).sum(axis=(0, 1))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared_patches", "per_channel_patches"])
+def test_streamed_gram_and_dense_products_equal_sums_of_squares(grouped):
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(3, 20, 4, 7) if grouped else (3, 20, 7)).astype("float32")
+    columns = _columns_with_shared_support(rng, 90, 3, 20, 4)
+    expected = _sums_of_squares(patches, columns)
+    np.testing.assert_allclose(dense_products(tf.constant(patches), tf.constant(columns)).numpy(), expected, rtol=2e-5, atol=1e-6)
+    positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
+    gram = tf.zeros((*positions.shape, positions.shape[-1]))
+    for chunk in np.array_split(columns, 4):  # streamed in column chunks
+        gram, outside = gram_update(gram, tf.constant(chunk), positions)
+        assert int(outside) == 0
+    np.testing.assert_allclose(gram_products(tf.constant(patches), positions, gram).numpy(), expected, rtol=2e-5, atol=1e-6)
+
+    narrower = positions[..., 1:]  # drops an active position of some (example, channel)
+    _, outside = gram_update(tf.zeros((*narrower.shape, narrower.shape[-1])), tf.constant(columns), narrower)
+    assert int(outside) > 0
 
 
 @pytest.mark.parametrize("name", ["sparse_categorical_crossentropy", "categorical_crossentropy"])
@@ -51,67 +67,73 @@ def test_cross_entropy_factor_has_c_minus_one_columns_and_the_analytic_hessian(n
     np.testing.assert_allclose(np.einsum("nck,ndk->ncd", factor, factor), hessian, rtol=0, atol=1e-14)
 
 
-def test_all_zero_columns_give_zero():
-    patches = tf.ones((2, 5, 3))
-    columns = tf.zeros((SPARSE_MIN_CLASSES, 2, 5, 4))
-    assert float(tf.reduce_max(tf.abs(support_products(patches, columns)))) == 0.0
-
-
 def _rule_cases():
     return [case for case in CASES if case.piecewise_linear]
 
 
+def _every_kernel(model):
+    return [t for t in resolve_targets(model, "all") if t.weight.name == "kernel"]
+
+
 @pytest.mark.parametrize("case", _rule_cases(), ids=[case.name for case in _rule_cases()])
-def test_transpose_rules_give_the_autodiff_columns(case):
-    """Factor columns are first derivatives (Jᵀ s), which autodiff gets right: the rules must match them."""
-    curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=case.from_logits, engine="factored")
-    engine, problem = curvature.engine, curvature.engine.problem
-    peel = check_suffix(problem.target, problem.loss).peel_softmax
-    graph = rule_graph(problem, peel)
-    assert graph is not None and engine.column_method == "rules", case.name
+def test_transpose_rules_give_the_autodiff_columns_at_every_target(case):
+    """Factor columns are first derivatives (Jᵀ s), which autodiff gets right: one backward pass of the rules must
+    give, at every kernel the suffix passes, the columns autodiff gives for that kernel alone; and every nonzero
+    entry lies in the support ones through |Jᵀ| find."""
+    model = case.model()
+    loss = get_loss(case.loss, case.from_logits)
+    curvature = LayerCurvature(model, case.layer, loss=case.loss, from_logits=case.from_logits, engine="factored")
+    peel = curvature.suffix_check.peel_softmax
+    targets = [t for t in _every_kernel(model) if NetworkCurvature(model, [t], loss).choices[t.name].name == "factored"]
+    assert any(t.path == case.layer for t in targets)
+    shared = FactoredPass(loss, targets, peel)
+    assert shared.column_method == "rules", case.name
     x, y = case.data(n=3)
     x, y = tf.constant(x), tf.constant(y)
-    ids = tf.range(engine.factor_width + 1)
-    channels = (1, problem.target.out_channels)
-    expected = factor_columns(problem, x, y, ids, *channels, peel).numpy()
-    got = rule_columns(problem, graph, x, y, ids, *channels, peel).numpy()
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    forward = shared._forward(x, y)
+    ids = tf.range(shared.factor_width + 1)
+    captured = backward(shared.suffix, forward, ids)
+    reach = backward(shared.suffix, forward, None, magnitude=True)
+    for target in targets:
+        problem = Problem(target, loss)
+        expected = factor_columns(problem, x, y, ids, 0, target.z_channels, peel).numpy()
+        got = target.flat_columns(captured[site_key(target.layer, target.stage_index)]).numpy()
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(), err_msg=target.name)
+        positions = support_positions(tf.transpose(target.flat_columns(reach[site_key(target.layer, 0)])[0] > 0, (0, 2, 1))).numpy()
+        inside = np.zeros(expected.shape[1:], bool)  # (N, S, O)
+        for n, o, a in np.ndindex(positions.shape):
+            inside[n, positions[n, o, a], o] = True
+        assert np.all(expected[:, ~inside] == 0), target.name
 
-    # The streamed engine keeps only each channel's support: every nonzero autodiff column entry lies in it.
-    positions = rule_support(problem, graph, rule_forward(problem, graph, x, y, peel)[0], *channels).numpy()
-    inside = np.zeros(expected.shape[1:], bool)  # (N, S, O)
-    for n, o, a in np.ndindex(positions.shape):
-        inside[n, positions[n, o, a], o] = True
-    assert np.all(expected[:, ~inside] == 0), case.name
-    assert positions.shape[-1] < expected.shape[2] or case.name != "cnn_70_classes"  # max pooling keeps a quarter
+
+@pytest.mark.parametrize("name", ["merge_zoo", "residual_relu", "cnn_70_classes", "transpose_zoo"])
+def test_one_shared_pass_equals_every_tensor_computed_alone(name):
+    """Kernels and biases of every layer from one pass, against each tensor's own factored run."""
+    case = next(case for case in CASES if case.name == name)
+    model = case.model()
+    loss = get_loss(case.loss, case.from_logits)
+    targets = resolve_targets(model, "all")
+    network = NetworkCurvature(model, targets, loss)
+    assert len(network.shared_names) >= 3
+    x, y = case.data(n=5)
+    together = network.shared_sums([(x[:3], y[:3]), (x[3:], y[3:])])
+    for target in targets:
+        if target.name not in network.shared_names:
+            continue
+        alone = LayerCurvature(model, target.path, weight=target.weight.name, loss=case.loss, from_logits=case.from_logits,
+                               engine="factored").compute_sums([(x[:3], y[:3]), (x[3:], y[3:])])
+        for mine, theirs in zip(together[target.name], alone):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max(), err_msg=target.name)
 
 
 def test_streamed_gradient_and_loss_equal_autodiff():
     """The rules path takes the gradient as one more column of its forward pass; autodiff gets first derivatives right."""
     case = next(case for case in CASES if case.name == "cnn_softmax_head")
     curvature = LayerCurvature(case.model(), case.layer, loss=case.loss, from_logits=case.from_logits, engine="factored")
-    assert curvature.engine.streams_gradient
     x, y = case.data(n=5)
-    channels = slice(1, curvature.target.out_channels)
+    channels = slice(1, curvature.target.z_channels)
     gradient, _, loss = curvature.engine.batch_derivatives(x, y, channels)
     expected, expected_loss = curvature.problem.batch_gradient(tf.constant(x), tf.constant(y), channels)
     np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-5, atol=1e-6 * np.abs(expected.numpy()).max())
     assert loss == pytest.approx(float(expected_loss), rel=1e-6)
-
-
-def test_streamed_gram_equals_sums_of_squares_and_counts_entries_off_the_support():
-    rng = np.random.default_rng(1)
-    patches = rng.normal(size=(3, 20, 7)).astype("float32")
-    columns = _columns_with_shared_support(rng, 90, 3, 20, 4)
-    positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
-    gram = tf.zeros((*positions.shape, positions.shape[-1]))
-    for chunk in np.array_split(columns, 4):  # streamed in column chunks
-        gram, outside = gram_update(gram, tf.constant(chunk), positions)
-        assert int(outside) == 0
-    expected = (np.einsum("nsp,cnso->cnpo", patches.astype(float), columns.astype(float)) ** 2).sum(axis=(0, 1))
-    np.testing.assert_allclose(gram_products(tf.constant(patches), positions, gram).numpy(), expected, rtol=2e-5, atol=1e-6)
-
-    narrower = positions[..., 1:]  # drops an active position of some (example, channel)
-    _, outside = gram_update(tf.zeros((*narrower.shape, narrower.shape[-1])), tf.constant(columns), narrower)
-    assert int(outside) > 0
