@@ -19,13 +19,24 @@ from pipeline.curvature.target import Target, channel_patches, contract
 from pipeline.losses import Loss
 
 
+KERAS_SOFTMAXES = (keras.activations.softmax, keras.ops.softmax)
+
+
 def final_softmax(model: keras.Model) -> keras.layers.Layer | None:
-    """The output layer if it ends in a softmax, else None."""
+    """The output layer if it ends in a Keras softmax, else None.
+
+    Only Keras' own softmax (a Softmax layer, or ``KERAS_SOFTMAXES`` as an activation) attaches its
+    logits to its output, so only for it does Keras' cross-entropy use the logits, and only then is
+    the loss, peeled, softmax cross-entropy of the logits (``pipeline.losses``). Another function,
+    even one called "softmax", and a Softmax layer over several axes get the clipped loss of their
+    values, as in Keras.
+    """
     layer = output_operation(model)
     if isinstance(layer, keras.layers.Softmax):
-        return layer
+        axes = layer.axis if isinstance(layer.axis, (tuple, list)) else (layer.axis,)
+        return layer if len(axes) == 1 else None  # over several axes it is not Keras' softmax op
     activation = getattr(layer, "activation", None)
-    if activation is not None and getattr(activation, "__name__", "") == "softmax":
+    if any(activation is softmax for softmax in KERAS_SOFTMAXES):
         return layer
     return None
 

@@ -35,8 +35,9 @@ class SuffixCheck:
 
 
 def peeled_softmax(model: keras.Model, loss: Loss):
-    """The final softmax a cross-entropy on probabilities folds in (None when the loss takes logits or there is none)."""
-    return final_softmax(model) if loss.is_cross_entropy and not loss.from_logits else None
+    """The final Keras softmax a cross-entropy folds in (None for other losses or without one): Keras'
+    cross-entropy of a Keras softmax's output uses its logits, with ``from_logits`` or without."""
+    return final_softmax(model) if loss.is_cross_entropy else None
 
 
 def containing_step(target: Target):

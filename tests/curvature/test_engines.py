@@ -1,10 +1,13 @@
 """Engine choice, refusal of inexact engines, and the Hutchinson estimator's convergence."""
 
+import contextlib
 import logging
+import warnings
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
 from pipeline.curvature.exact import ExactEngine
@@ -166,3 +169,49 @@ def test_exact_engine_by_xla_agrees_with_the_factored_rules():
     for a, b in zip(factored.compute(batches_of(x, y, 3)), exact.compute(batches_of(x, y, 3))):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
     assert exact.engine.compiler == "xla"
+
+
+def _softmax_head_mlp(activation="softmax"):
+    """An MLP whose softmax head sees logit gaps of ~50-100: many class probabilities lie far below Keras' ε (1e-7)."""
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(6, activation="relu", name="target")(inp)
+    out = keras.layers.Dense(4, activation=activation, name="out")
+    model = keras.Model(inp, out(h))
+    out.kernel.assign(out.kernel * 40)
+    return model
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_softmax_head_engines_give_the_keras_training_loss_where_probabilities_underflow(from_logits):
+    """Keras' cross-entropy of a softmax output uses its logits (even with from_logits=True): no clipping. The peeled
+    factored engine, the exact engine and the gradient of ``keras.losses`` on the model output all agree."""
+    model = _softmax_head_mlp()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5)).astype("float32") * 2, rng.integers(0, 4, 8)
+    probs = model(x).numpy()
+    assert (probs[np.arange(8), y] < keras.config.epsilon()).sum() >= 3
+    options = dict(loss="sparse_categorical_crossentropy", from_logits=from_logits)
+    factored = LayerCurvature(model, "target", engine="auto", **options)
+    assert factored.choice.name == "factored" and "final softmax folded" in factored.choice.reason
+    exact = LayerCurvature(model, "target", engine="exact", **options)
+    with pytest.warns() if from_logits else contextlib.nullcontext():
+        got, reference = factored.compute(batches_of(x, y, 4)), exact.compute(batches_of(x, y, 4))
+    for a, b in zip(got, reference):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    kernel = model.get_layer("target").kernel
+    with tf.GradientTape() as tape, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)(y, model(x))
+    np.testing.assert_allclose(got.gradient, tape.gradient(keras_loss, kernel).numpy(), rtol=0, atol=1e-5 * np.abs(got.gradient).max())
+
+
+def test_activation_named_softmax_that_is_not_keras_softmax_is_not_peeled():
+    """Keras attaches logits only to its own softmax's output; another function gets the clipped loss of its values."""
+
+    def softmax(t):
+        e = keras.ops.exp(t - keras.ops.max(t, axis=-1, keepdims=True))
+        return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+    curvature = LayerCurvature(_softmax_head_mlp(softmax), "target", loss="sparse_categorical_crossentropy", engine="auto")
+    assert curvature.choice.name == "exact" and "without a final softmax" in curvature.choice.reason
