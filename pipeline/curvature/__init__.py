@@ -8,7 +8,8 @@ from pipeline.curvature.autodiff import (
     per_example_hessians,
     rowwise_hessian_diagonal,
 )
-from pipeline.curvature.finite_diff import FiniteDifferences, finite_difference_derivatives, float64_clone
+from pipeline.curvature.finite_diff import FiniteDifferences, finite_difference_derivatives
+from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.engines import ENGINES as ENGINE_FLAGS, EngineChoice, choose_engine
 from pipeline.curvature.layer import ENGINES, Derivatives, LayerCurvature, TensorCurvature, batches_of, layer_derivatives
 from pipeline.curvature.suffix import SuffixCheck, check_suffix

@@ -32,8 +32,9 @@ import tensorflow as tf
 
 from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
 from pipeline.curvature.graph import suffix_of
+from pipeline.curvature.precision import as_float32, float64_clone
 from pipeline.curvature.problem import Problem, final_softmax
-from pipeline.curvature.target import Target, channel_patches, column_gradients, contract
+from pipeline.curvature.target import Target, channel_patches, column_gradients, contract, layer_paths
 from pipeline.losses import Loss
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -106,23 +107,39 @@ class FactoredPass:
 
     Examples are processed in chunks that fit ``memory_budget`` bytes; columns in chunks of
     ``column_chunk``. ``z_channels`` restricts a single target to a slice of its z channels.
+
+    ``decisions``: ``float64`` takes the forward pass (ReLU masks, max-pool routing, stage inputs, the
+    loss, its factor and gradient) from a float64 copy of the model, step for step, so no decision
+    flips near a tie through float32 rounding; the columns then go back in float32. ``float32``
+    takes it from the model itself.
     """
 
     def __init__(self, loss: Loss, targets: Sequence[Target], peel_softmax: bool, column_chunk: int = 16,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, factor_fn=None, z_channels: slice | None = None):
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, factor_fn=None, z_channels: slice | None = None,
+                 decisions: str = "float64"):
         model = targets[0].model
         self.model, self.loss, self.targets = model, loss, tuple(targets)
         layers = list({id(t.layer): t.layer for t in targets}.values())
         self.suffix = suffix_of(model, layers, peeled=final_softmax(model) if peel_softmax else None)
         if not self.suffix.piecewise_linear:
             raise ValueError("the factored engine needs a piecewise-linear suffix: " + ", ".join(self.suffix.offending))
+        self.decisions, forward_model, forward_suffix = decisions, model, self.suffix
+        if decisions == "float64":
+            forward_model = float64_clone(model)
+            paths, mirror = {id(layer): path for path, layer in layer_paths(model)}, dict(layer_paths(forward_model))
+            mirrored = [mirror[paths[id(layer)]] for layer in layers]
+            forward_suffix = suffix_of(forward_model, mirrored, peeled=final_softmax(forward_model) if peel_softmax else None)
+            if [s.path for s in forward_suffix.steps] != [s.path for s in self.suffix.steps]:
+                raise RuntimeError("the float64 copy of the model does not mirror its graph step for step")
         self.factor_width = loss.factor_width(int(np.prod(model.outputs[0].shape[1:])))
         self.column_chunk = min(column_chunk, self.factor_width + 1)
         self.memory_budget = memory_budget
         self.stages = by_stage(targets, z_channels)
         self.sparse = self.factor_width >= SPARSE_MIN_CLASSES
         suffix = self.suffix
-        self._forward = tf.function(lambda x, y: suffix_forward(suffix, model, loss, x, y, peel_softmax, factor_fn))
+        dtype = tf.float64 if decisions == "float64" else tf.float32
+        self._forward = tf.function(lambda x, y: as_float32(suffix_forward(forward_suffix, forward_model, loss, _in_dtype(x, dtype), y,
+                                                                           peel_softmax, factor_fn)))
         self._backward = tf.function(lambda forward, ids: backward(suffix, forward, ids))
         self._reach = tf.function(lambda forward: backward(suffix, forward, None, magnitude=True))
         self._patches = tf.function(self._stage_patches)
@@ -272,6 +289,11 @@ class StageFold:
                                                                           self.positions[:, o:end], self.gram[:, o:end]),
                                      self.stage.width, self.width).numpy()
                 for t in self.stage.targets}
+
+
+def _in_dtype(x: tf.Tensor, dtype) -> tf.Tensor:
+    """Floating inputs in ``dtype``; integer ones (tokens) as they are."""
+    return tf.cast(x, dtype) if x.dtype.is_floating else x
 
 
 def _channels(patches: tf.Tensor, start: int, stop: int) -> tf.Tensor:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.layer import batches_of
+from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import logits_output
 from pipeline.curvature.target import resolve_target
 from pipeline.losses import get_loss
@@ -36,19 +37,6 @@ class FiniteDifferences(NamedTuple):
     gradient: np.ndarray
     hessian_diagonal: np.ndarray
     smooth: np.ndarray
-
-
-def float64_clone(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` whose layers compute in float64, with the same weights."""
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        return layer.__class__.from_config(config)
-
-    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
-    return clone
 
 
 def finite_difference_derivatives(
