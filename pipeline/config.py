@@ -90,6 +90,8 @@ class ComputeConfig(_Section):
     shard_size: int = Field(8, gt=0, description="output channels per shard (= Zarr chunk along the last axis)")
     chunk_size: int = Field(128, gt=0, description="exact engine: entries vectorized per call (memory bound)")
     column_chunk: int = Field(16, gt=0, description="factored engine: loss-Hessian factor columns per call (memory bound)")
+    memory_gb: float = Field(2.0, gt=0, description="factored engine: memory one worker's shared pass may use; examples and channels"
+                             " are chunked to fit, and a plan where one example cannot fit is refused before any compute")
     probes: int = Field(64, gt=1, description="hutchinson: number of Rademacher probes")
     samples: int = Field(16, gt=1, description="monte_carlo: sampled loss-Hessian factor columns per example")
     seed: int = Field(0, description="hutchinson and monte_carlo: random seed")

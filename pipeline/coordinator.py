@@ -249,7 +249,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
             {"started": started, "seconds": time.time() - started, "computed": result.computed, "retries": result.retries}
         ]
         store.update_attrs(complete=True, loss=loss_value, runs=runs)
-        say("all units done and folded; validating against float64 finite differences")
+        say("all units done and folded; validating against float64 references from loss values")
         result.validation = validate_store(job, store, plan, config.validation)
         result.seconds = time.time() - started
         return result

@@ -111,8 +111,9 @@ def _heatmap(name, diagonal, dims, title) -> plt.Figure:
     return fig
 
 
-def _validation_scatter(validation: dict) -> plt.Figure:
-    """Relative error of each sampled entry against the magnitude of its reference, every tensor, log axes."""
+def _validation_scatter(validation: dict, rtol: float, atol: float) -> plt.Figure:
+    """Relative error of each sampled entry against the magnitude of its reference, every tensor, log axes, with the
+    tolerance as a band: an entry passes below rtol + atol / |reference|."""
     entries = [e for tensor in validation.values() for e in tensor.get("entries", [])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, key, units in ((axes[0], "hessian_diagonal", UNITS_DIAG), (axes[1], "gradient", UNITS_GRAD)):
@@ -123,13 +124,20 @@ def _validation_scatter(validation: dict) -> plt.Figure:
         shown = magnitude > 0
         if shown.any():
             error = np.maximum(np.abs(got[smooth] - fd[smooth])[shown] / magnitude[shown], ERROR_FLOOR)
-            ax.scatter(magnitude[shown], error, s=18, zorder=3)
+            lo, hi = magnitude[shown].min() / 3, magnitude[shown].max() * 3
+            span = np.geomspace(lo, hi, 200)
+            bottom = max(ERROR_FLOOR, error.min() / 10)
+            ax.fill_between(span, bottom, rtol + atol / span, color="tab:orange", alpha=0.3,
+                            label=f"within tolerance (rtol {rtol:g}, atol {atol:g})")
+            ax.scatter(magnitude[shown], error, s=18, zorder=3, label="sampled entry")
             ax.set_xscale("log")
             ax.set_yscale("log")
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_locator(matplotlib.ticker.LogLocator(numticks=5))
                 axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_ylim(ERROR_FLOOR, max(1e-2, error.max() * 10))
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(bottom, max(10 * rtol, error.max() * 10))
+            ax.legend(fontsize=8, loc="upper right")
         skipped = int((~smooth).sum()) + int((~shown).sum())
         if skipped:
             ax.text(0.02, 0.02, f"{skipped} entries unresolved or exactly zero not shown", transform=ax.transAxes, fontsize=8)
@@ -207,7 +215,9 @@ def contents(store: ResultStore) -> tuple[list[dict], list[tuple[str, str, plt.F
     for k, name in enumerate(sorted(names, key=lambda n: -result[n].hessian_diagonal.size)[:HEATMAPS]):
         figures.append((f"Hessian diagonal of {name}", f"heatmap_{k}.png",
                         _heatmap(name, result[name].hessian_diagonal, result[name].dims, title)))
-    figures.append(("Validation", "validation_scatter.png", _validation_scatter({r["name"]: r["validation"] for r in rows})))
+    overall = store.attrs.get("validation") or {}
+    figures.append(("Validation", "validation_scatter.png", _validation_scatter(
+        {r["name"]: r["validation"] for r in rows}, overall.get("rtol", 0.0), overall.get("atol", 0.0))))
     return rows, figures
 
 

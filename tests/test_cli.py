@@ -142,4 +142,4 @@ def test_example_configs_are_valid():
     names.append(os.path.join("configs", "cluster", "vgg16_conv4_3_s3.yaml"))
     for name in sorted(names):
         load_config(name)
-    assert yaml.safe_load(open("configs/default.yaml"))["target"]["layer"] == "block2_conv1"
+    assert yaml.safe_load(open("configs/default.yaml"))["targets"] == "all"

@@ -91,8 +91,11 @@ def suffix_forward(suffix: Suffix, model: keras.Model, loss: Loss, x, y, peel_so
                 values[step.outputs[0]] = values[step.inputs[0]]
                 saved.append(None)
                 continue
-            args, _ = step.node.arguments.fill_in(values)
-            values[step.outputs[0]], kept = rule.forward(step.operation, args[0])
+            args, kwargs = step.node.arguments.fill_in(values)
+            if rule.takes_arguments:
+                values[step.outputs[0]], kept = rule.forward(step.operation, args, kwargs)
+            else:
+                values[step.outputs[0]], kept = rule.forward(step.operation, args[0])
             saved.append(kept)
     h = values[suffix.output]
     outputs = tf.reshape(h, (tf.shape(x)[0], -1))
@@ -147,7 +150,8 @@ def backward(suffix: Suffix, forward: Forward, column_ids: tf.Tensor | None, mag
             if not needed:
                 continue
         else:
-            parts = rule.transpose(step.operation, forward.saved[index], g, magnitude)
+            extra = {"node": step.node} if rule.takes_arguments else {}
+            parts = rule.transpose(step.operation, forward.saved[index], g, magnitude, **extra)
             parts = parts if len(step.inputs) > 1 else [parts]
             lost = lost or (magnitude and not rule.exact_magnitude)
         for tensor, part in zip(step.inputs, parts):

@@ -35,9 +35,10 @@ from pipeline.curvature.graph import suffix_of
 from pipeline.curvature.precision import as_float32, float64_clone
 from pipeline.curvature.problem import Problem, final_softmax
 from pipeline.curvature.target import Target, channel_patches, column_gradients, contract, layer_paths
+from pipeline.errors import BadInputError
 from pipeline.losses import Loss
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
+DEFAULT_MEMORY_BUDGET = 2 << 30
 SPARSE_MIN_CLASSES = 64
 
 
@@ -162,15 +163,33 @@ class FactoredPass:
                 found[target.name] = channel_patches(target.patches(u), target.group_ids(stage.z_channels))
         return found
 
-    def example_chunk(self) -> int:
-        """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
+    def bytes_per_example(self) -> int:
+        """Memory one example takes at most: the forward pass's kept state (in float64 with float64 decisions), a
+        column chunk at every step, the Gram matrices (at most (C - 1)² per channel) and the patches."""
         activations = [math.prod(int(d) for d in step.node.outputs[0].shape[1:])
                        for step in self.suffix.steps if step.node is not None]
         largest = max(activations, default=1)
         grams = sum(stage.width * min(self.factor_width, stage.targets[0].positions) ** 2 for stage in self.stages) if self.sparse else 0
         patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
-        per_example = 4 * (3 * sum(activations) + 3 * self.column_chunk * largest + grams + patches)
-        return max(1, self.memory_budget // per_example)
+        kept = (3 if self.decisions == "float64" else 2) * sum(activations)
+        return 4 * (kept + 3 * self.column_chunk * largest + grams + patches)
+
+    def check_memory(self) -> None:
+        """Raise BadInputError when one example does not fit the memory budget, saying what would."""
+        needed = self.bytes_per_example()
+        if needed <= self.memory_budget:
+            return
+        largest = max(math.prod(int(d) for d in step.node.outputs[0].shape[1:]) for step in self.suffix.steps if step.node is not None)
+        fits = (self.memory_budget - (needed - 12 * self.column_chunk * largest)) // (12 * largest)
+        hint = (f"compute.column_chunk {int(fits)} would fit" if fits >= 1 else
+                f"it needs compute.memory_gb of at least {needed / 2**30:.1f}")
+        raise BadInputError(f"the factored engine needs {needed / 2**30:.2f} GiB for one example of these {len(self.targets)}"
+                            f" tensor(s) with compute.column_chunk {self.column_chunk}, more than compute.memory_gb"
+                            f" {self.memory_budget / 2**30:.2f}; {hint}")
+
+    def example_chunk(self) -> int:
+        """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
+        return max(1, self.memory_budget // self.bytes_per_example())
 
     def _channel_width(self, stage: StageTargets, examples: int, support: int) -> int:
         """Channels per product call that fit the budget (weight gradients of a chunk, or gathered patches)."""

@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
+from keras.src.ops import nn as _NN
+from keras.src.ops import numpy as _N
 
 from pipeline.curvature.kinds.base import LayerKind, linear_adjoint, merged
 from pipeline.curvature.kinds.conv import conv_kind, conv_transpose_kind, depthwise_kind, separable_kind
@@ -116,8 +118,11 @@ class TransposeRule:
 
     forward: Callable
     transpose: Callable
+    label: str
     exact_magnitude: bool = True
     captures_stages: bool = False  # ``transpose`` takes ``sites`` and ``need_input`` (layers that hold targets)
+    takes_arguments: bool = False  # ``forward(operation, args, kwargs)`` gets the node's whole call, ``transpose`` its
+    # node (``keras.ops`` nodes, whose constants live in the node)
 
 
 def _masked(v, mask):
@@ -312,11 +317,43 @@ def _concatenate_transpose(layer, sizes, v, magnitude=False):
     return tf.split(v, tf.stack(sizes), axis=layer.axis if layer.axis < 0 else layer.axis + 1, num=len(sizes))
 
 
-IDENTITY_RULE = TransposeRule(_plain_forward, _identity_transpose)
-AFFINE_RULE = TransposeRule(_affine_forward, affine_transpose, captures_stages=True)
-SLOPE_RULE = TransposeRule(_slope_forward, _slope_transpose)
-LINEAR_RULE = TransposeRule(_shape_forward, _linear_transpose)
-VJP_RULE = TransposeRule(_input_forward, _vjp_at_input)
+def _op_forward(operation, args, kwargs):
+    """A ``keras.ops`` node's output, keeping its tensor arguments (its constants stay in its node) for the transpose."""
+    return operation(*args, **kwargs), [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, tf.Tensor)]
+
+
+def _op_transpose(operation, saved, v, magnitude=False, node=None):
+    """Jᵀ v for each tensor argument of a ``keras.ops`` node, by autodiff of the op on its arguments repeated once per
+    column (the op is piecewise linear in its dependent arguments, so this is its Jacobian at the saved point)."""
+    k = tf.shape(v)[0]
+    tiled = [tf.reshape(tf.repeat(t[None], k, axis=0), tf.concat([[-1], tf.shape(t)[1:]], 0)) for t in saved]
+    with tf.GradientTape() as tape:
+        tape.watch(tiled)
+        args, kwargs = node.arguments.fill_in({id(kt): t for kt, t in zip(node.arguments.keras_tensors, tiled)})
+        y = operation(*args, **kwargs)
+    grads = tape.gradient(y, tiled, output_gradients=tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)),
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    shaped = [tf.reshape(g, tf.concat([[k], tf.shape(t)], 0)) for g, t in zip(grads, saved)]
+    return shaped if len(shaped) > 1 else shaped[0]
+
+
+IDENTITY_RULE = TransposeRule(_plain_forward, _identity_transpose, "identity")
+AFFINE_RULE = TransposeRule(_affine_forward, affine_transpose, "activation slope, then its stages' transposed maps", captures_stages=True)
+SLOPE_RULE = TransposeRule(_slope_forward, _slope_transpose, "activation slope")
+LINEAR_RULE = TransposeRule(_shape_forward, _linear_transpose, "its transposed linear map")
+VJP_RULE = TransposeRule(_input_forward, _vjp_at_input, "autodiff at its input")
+SIGNED_VJP_RULE = TransposeRule(_input_forward, _vjp_at_input, "autodiff at its inputs", exact_magnitude=False)
+OP_RULE = TransposeRule(_op_forward, _op_transpose, "autodiff at its arguments", takes_arguments=True)
+SIGNED_OP_RULE = TransposeRule(_op_forward, _op_transpose, "autodiff at its arguments", exact_magnitude=False, takes_arguments=True)
+MAX_POOL_RULE = TransposeRule(_max_pool_forward, _max_pool_transpose, "routing to each window's maximum")
+RELU_RULE = TransposeRule(_relu_forward, _slope_transpose, "slope (threshold, negative slope, maximum)")
+LEAKY_RULE = TransposeRule(_leaky_forward, _slope_transpose, "slope")
+PRELU_RULE = TransposeRule(_prelu_forward, _slope_transpose, "slope")
+SCALE_RULE = TransposeRule(_scale_forward, _scale_transpose, "its scale")
+ADD_RULE = TransposeRule(_plain_forward, _add_transpose, "copies to every input")
+SUBTRACT_RULE = TransposeRule(_plain_forward, _subtract_transpose, "copies, negated for the second input")
+AVERAGE_RULE = TransposeRule(_plain_forward, _average_transpose, "shares to every input")
+CONCATENATE_RULE = TransposeRule(_concatenate_forward, _concatenate_transpose, "split along the joined axis")
 
 
 # Second-order rules -----------------------------------------------------------------------------
@@ -409,8 +446,17 @@ class LayerFacts:
     audit: tuple[AuditCase, ...] = ()
 
 
+def _linear_in_one(operation, dependent=()) -> bool:
+    """A product is linear when at most one factor depends on a target."""
+    return sum(dependent) <= 1
+
+
 def _always(layer, dependent=()) -> bool:
     return True
+
+
+def _not_inverted(layer, dependent=()) -> bool:
+    return not layer.invert
 
 
 def _channels_last(layer) -> str | None:
@@ -484,10 +530,10 @@ FACTS: dict[type, LayerFacts] = {
     _L.DepthwiseConv1D: _affine(depthwise_kind, _case("DepthwiseConv1D", lambda **k: _L.DepthwiseConv1D(3, **k), SEQ)),
     _L.SeparableConv1D: _affine(separable_kind, _case("SeparableConv1D", lambda **k: _L.SeparableConv1D(3, 3, **k), SEQ)),
     _L.Conv3DTranspose: _affine(conv_transpose_kind),
-    _L.MaxPooling1D: LayerFacts(_always, None, TransposeRule(_max_pool_forward, _max_pool_transpose), _channels_last, GATHER, (
+    _L.MaxPooling1D: LayerFacts(_always, None, MAX_POOL_RULE, _channels_last, GATHER, (
         _case("MaxPooling1D", lambda **k: _L.MaxPooling1D(**k), SEQ),
         _case("MaxPooling1D(2, strides 1, same)", lambda **k: _L.MaxPooling1D(2, strides=1, padding="same", **k), (6, 3)))),
-    _L.MaxPooling2D: LayerFacts(_always, None, TransposeRule(_max_pool_forward, _max_pool_transpose), _channels_last, GATHER, (
+    _L.MaxPooling2D: LayerFacts(_always, None, MAX_POOL_RULE, _channels_last, GATHER, (
         _case("MaxPooling2D", lambda **k: _L.MaxPooling2D(**k), IMG),
         _case("MaxPooling2D(2, strides 1, same)", lambda **k: _L.MaxPooling2D(2, strides=1, padding="same", **k), (6, 6, 3)),
         _case("MaxPooling2D(3, strides 2)", lambda **k: _L.MaxPooling2D(3, strides=2, **k), IMG))),
@@ -523,16 +569,17 @@ FACTS: dict[type, LayerFacts] = {
     _L.UpSampling1D: _linear(_case("UpSampling1D", lambda **k: _L.UpSampling1D(2, **k), SEQ)),
     _L.UpSampling2D: _linear(_case("UpSampling2D", lambda **k: _L.UpSampling2D(2, **k), IMG)),
     _L.UpSampling3D: _linear(_case("UpSampling3D", lambda **k: _L.UpSampling3D(2, **k), VOL)),
-    _L.Add: LayerFacts(_always, None, TransposeRule(_plain_forward, _add_transpose), _merge_applies, audit=(
+    _L.Add: LayerFacts(_always, None, ADD_RULE, _merge_applies, audit=(
         _case("Add", lambda **k: _L.Add(**k), VEC, VEC),)),
-    _L.Subtract: LayerFacts(_always, None, TransposeRule(_plain_forward, _subtract_transpose), _merge_applies, audit=(
+    _L.Subtract: LayerFacts(_always, None, SUBTRACT_RULE, _merge_applies, audit=(
         _case("Subtract", lambda **k: _L.Subtract(**k), VEC, VEC),)),
-    _L.Multiply: _smooth(_case("Multiply", lambda **k: _L.Multiply(**k), VEC, VEC)),
-    _L.Average: LayerFacts(_always, None, TransposeRule(_plain_forward, _average_transpose), _merge_applies, audit=(
+    _L.Multiply: LayerFacts(_linear_in_one, None, SIGNED_VJP_RULE, _merge_applies, audit=(
+        _case("Multiply", lambda **k: _L.Multiply(**k), VEC, VEC),)),
+    _L.Average: LayerFacts(_always, None, AVERAGE_RULE, _merge_applies, audit=(
         _case("Average", lambda **k: _L.Average(**k), VEC, VEC),)),
     _L.Maximum: LayerFacts(_always, None, VJP_RULE, _merge_applies, audit=(_case("Maximum", lambda **k: _L.Maximum(**k), VEC, VEC),)),
     _L.Minimum: LayerFacts(_always, None, VJP_RULE, _merge_applies, audit=(_case("Minimum", lambda **k: _L.Minimum(**k), VEC, VEC),)),
-    _L.Concatenate: LayerFacts(_always, None, TransposeRule(_concatenate_forward, _concatenate_transpose), _concatenate_applies,
+    _L.Concatenate: LayerFacts(_always, None, CONCATENATE_RULE, _concatenate_applies,
                                audit=(_case("Concatenate", lambda **k: _L.Concatenate(**k), VEC, VEC),)),
     _L.Dot: _smooth(_case("Dot", lambda **k: _L.Dot(axes=1, **k), VEC, VEC),
                     _case("Dot(normalize)", lambda **k: _L.Dot(axes=1, normalize=True, **k), VEC, VEC)),
@@ -555,17 +602,17 @@ FACTS: dict[type, LayerFacts] = {
                            (_L.GaussianDropout, VEC), (_L.GaussianNoise, VEC), (_L.AlphaDropout, VEC))},
     _L.ActivityRegularization: _identity(_case("ActivityRegularization", lambda **k: _L.ActivityRegularization(l2=0.1, **k), VEC)),
     _L.Identity: _identity(_case("Identity", lambda **k: _L.Identity(**k), VEC)),
-    _L.ReLU: LayerFacts(_always, None, TransposeRule(_relu_forward, _slope_transpose), audit=(_case("ReLU", lambda **k: _L.ReLU(**k), VEC),)),
-    _L.LeakyReLU: LayerFacts(_always, None, TransposeRule(_leaky_forward, _slope_transpose), audit=(
+    _L.ReLU: LayerFacts(_always, None, RELU_RULE, audit=(_case("ReLU", lambda **k: _L.ReLU(**k), VEC),)),
+    _L.LeakyReLU: LayerFacts(_always, None, LEAKY_RULE, audit=(
         _case("LeakyReLU", lambda **k: _L.LeakyReLU(**k), VEC),)),
-    _L.PReLU: LayerFacts(_always, None, TransposeRule(_prelu_forward, _slope_transpose), audit=(
+    _L.PReLU: LayerFacts(_always, None, PRELU_RULE, audit=(
         _case("PReLU", lambda **k: _L.PReLU(**k), VEC),)),
     _L.ELU: _smooth(_case("ELU", lambda **k: _L.ELU(**k), VEC)),
     _L.Softmax: _smooth(_case("Softmax", lambda **k: _L.Softmax(**k), VEC)),
     _L.Activation: LayerFacts(activation_is_piecewise_linear, None, SLOPE_RULE,
                               lambda layer: None if activation_is_piecewise_linear(layer) else f"activation {activation_name(layer)!r}"),
-    _L.Rescaling: LayerFacts(_always, None, TransposeRule(_scale_forward, _scale_transpose)),
-    _L.Normalization: LayerFacts(lambda layer, dependent: not layer.invert, None, TransposeRule(_scale_forward, _scale_transpose)),
+    _L.Rescaling: LayerFacts(_always, None, SCALE_RULE),
+    _L.Normalization: LayerFacts(_not_inverted, None, SCALE_RULE),
     _L.Embedding: LayerFacts(kind=embedding_kind),
     _L.MultiHeadAttention: _smooth(_case("MultiHeadAttention", lambda **k: _L.MultiHeadAttention(num_heads=2, key_dim=3, **k), SEQ,
                                          call=_self_attention)),
@@ -577,6 +624,27 @@ FACTS: dict[type, LayerFacts] = {
     _L.GRU: _smooth(_case("GRU", lambda **k: _L.GRU(3, **k), SEQ)),
     _L.LSTM: _smooth(_case("LSTM", lambda **k: _L.LSTM(3, **k), SEQ)),
 }
+
+
+def _linear_in_numerator(operation, dependent=()) -> bool:
+    return not (len(dependent) > 1 and dependent[1])
+
+
+def _op(piecewise_linear=_always, rule=OP_RULE) -> LayerFacts:
+    return LayerFacts(piecewise_linear, None, rule)
+
+
+# ``keras.ops`` calls in functional graphs (``x + 3``, ``keras.ops.relu6(x)``): no weights; the exact engine audits each
+# on the spot on a small input (they compute in float64 as given), the factored engine walks those listed here.
+FACTS.update({
+    **{kind: _op() for kind in (_N.Add, _N.Reshape, _N.Transpose, _N.GetItem, _N.Concatenate, _N.Mean, _N.Sum,
+                                 _N.ExpandDims, _N.Squeeze, _N.Maximum, _N.Minimum, _N.Clip, _NN.Relu, _NN.Relu6,
+                                 _NN.HardSigmoid, _NN.HardTanh, _NN.LeakyRelu)},
+    _N.Subtract: _op(rule=SIGNED_OP_RULE),
+    _N.Negative: _op(rule=SIGNED_OP_RULE),
+    _N.Multiply: _op(_linear_in_one, SIGNED_OP_RULE),
+    _N.TrueDivide: _op(_linear_in_numerator, SIGNED_OP_RULE),
+})
 
 
 def registered_type(layer) -> type | None:
@@ -646,13 +714,14 @@ def rule_for(layer: keras.layers.Layer) -> str | None:
 def second_order_rules(layers: Sequence[keras.layers.Layer]) -> Iterator[None]:
     """Within the block ``layers`` evaluate through formulations whose autodiff is exact to second order.
 
-    Values are unchanged; only how TensorFlow differentiates them changes.
+    Values are unchanged; only how TensorFlow differentiates them changes. A layer whose ``call`` is replaced
+    already (the target's, which computes its stage from a fixed input) keeps that replacement.
     """
     patched_calls, patched_activations = [], []
     try:
         for layer in layers:
             layer_rule = second_order_rule(layer)
-            if layer_rule:
+            if layer_rule and "call" not in vars(layer):  # a target's call, replaced already, computes its own stage
                 layer.call = layer_rule[1](layer)
                 patched_calls.append(layer)
             activation_rule = _activation_rule(layer)
@@ -666,3 +735,39 @@ def second_order_rules(layers: Sequence[keras.layers.Layer]) -> Iterator[None]:
         for layer, activation in patched_activations:
             layer.activation = activation
 
+
+
+KIND_WEIGHTS = {conv_kind: "kernel, bias", depthwise_kind: "kernel (input channels x multiplier), bias",
+                separable_kind: "depthwise_kernel, pointwise_kernel, bias", conv_transpose_kind: "kernel, bias",
+                dense_kind: "kernel, bias (inputs of any rank)", einsum_kind: "kernel, bias", batch_norm_kind: "gamma, beta",
+                layer_norm_kind: "gamma, beta", embedding_kind: "embeddings"}
+LINEARITY = {_always: "yes", activation_is_piecewise_linear: "with a piecewise-linear activation",
+             _linear_in_one: "when at most one input depends on a target", _not_inverted: "unless inverted",
+             _linear_in_numerator: "when the divisor does not depend on a target"}
+
+
+def _name(cls: type) -> str:
+    if cls.__module__.startswith("keras.src.ops"):
+        return f"`keras.ops` {cls.__name__}"
+    return f"`{cls.__name__}`"
+
+
+def support_markdown() -> str:
+    """The README's table of what the engines do with each layer type, rendered from ``FACTS``."""
+    lines = [
+        "Rendered from `pipeline/curvature/layer_facts.py` by `scripts/gen_audit_table.py`. \"target weights\": the weights"
+        " a target kind covers; \"factored\": whether the factored engine is exact through the layer after a target;"
+        " \"columns back\": how it back-propagates a chunk of factor columns through it as one batched op; a layer"
+        " type not listed is audited on the spot for the exact engine and makes a suffix not piecewise linear."
+        " Piecewise-linear activations: " + ", ".join(f"`{name}`" for name, facts in ACTIVATIONS.items() if facts.piecewise_linear) + ".",
+        "",
+        "| layer type | target weights | factored | columns back | second-order rule |",
+        "|---|---|---|---|---|",
+    ]
+    for cls, facts in FACTS.items():
+        if cls is _L.InputLayer:
+            continue
+        lines.append(f"| {_name(cls)} | {KIND_WEIGHTS.get(facts.kind, '—')} | {LINEARITY.get(facts.piecewise_linear, 'no')}"
+                     f" | {facts.transpose.label if facts.transpose and LINEARITY.get(facts.piecewise_linear) else '—'}"
+                     f" | {facts.second_order[0] if facts.second_order else '—'} |")
+    return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from pipeline.curvature.engines import EngineChoice, choose_engine
-from pipeline.curvature.factored import FactoredPass
+from pipeline.curvature.factored import DEFAULT_MEMORY_BUDGET, FactoredPass
 from pipeline.curvature.layer import Derivatives, TensorCurvature, check_data, check_loss_value, float64_sum
 from pipeline.curvature.suffix import check_suffix, peeled_softmax
 from pipeline.curvature.target import Target, channel_slice
@@ -25,10 +25,12 @@ from pipeline.losses import Loss
 class NetworkCurvature:
     """The engines of ``targets`` (tensors of one model) for ``loss``, chosen and checked once.
 
-    ``options``: the engines' settings (``chunk_size``, ``column_chunk``, ``probes``, ``samples``, ``seed``).
+    ``options``: the engines' settings (``chunk_size``, ``column_chunk``, ``probes``, ``samples``, ``seed``);
+    ``memory_budget``: bytes the shared pass may use (it refuses, before any compute, a plan that cannot fit).
     """
 
-    def __init__(self, model: keras.Model, targets: Sequence[Target], loss: Loss, *, engine: str = "auto", **options):
+    def __init__(self, model: keras.Model, targets: Sequence[Target], loss: Loss, *, engine: str = "auto",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, **options):
         self.model, self.loss = model, loss
         self.targets = {t.name: t for t in targets}
         self.choices: dict[str, EngineChoice] = {}
@@ -41,7 +43,8 @@ class NetworkCurvature:
         self.shared = None
         if shared:
             self.shared = FactoredPass(loss, shared, peeled_softmax(model, loss) is not None,
-                                       options.get("column_chunk", 16))
+                                       options.get("column_chunk", 16), memory_budget)
+            self.shared.check_memory()
         self.separate = {t.name: TensorCurvature(t, loss, engine=self.choices[t.name].name, **options)
                          for t in targets if t.name not in self.shared_names}
 

@@ -13,7 +13,8 @@ def float64_clone(model: keras.Model) -> keras.Model:
 
     def clone_layer(layer):
         config = layer.get_config()
-        config["dtype"] = "float64"
+        if isinstance(layer, keras.layers.Layer):  # ``keras.ops`` nodes have no dtype: they compute in their inputs'
+            config["dtype"] = "float64"
         return layer.__class__.from_config(config)
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)

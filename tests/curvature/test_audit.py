@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature, layer_derivatives
 from pipeline.curvature.audit import audit_function, load_table, render_markdown, run_audit
+from pipeline.curvature.layer_facts import support_markdown
 from pipeline.errors import BadInputError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -48,6 +49,7 @@ def test_table_matches_a_fresh_audit_and_the_readme():
             assert summary(mine) == summary(entry), f"{section}/{key} is stale: run scripts/gen_audit_table.py"
     readme = README.read_text()
     assert render_markdown(stored) in readme, "README's audit table is stale: run scripts/gen_audit_table.py"
+    assert support_markdown() in readme, "README's support table is stale: run scripts/gen_audit_table.py --support-only"
 
 
 def test_audit_finds_the_known_autodiff_errors_and_each_rule_fixes_them():

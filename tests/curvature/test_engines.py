@@ -12,7 +12,7 @@ import tensorflow as tf
 from pipeline.curvature import LayerCurvature, batches_of, layer_derivatives
 from pipeline.curvature.exact import ExactEngine
 from pipeline.errors import BadInputError
-from tests.curvature.cases import CASE_IDS, CASES, value_reference
+from tests.curvature.cases import CASE_IDS, CASES, reference as case_reference
 
 
 def _case(name):
@@ -56,7 +56,7 @@ def test_stochastic_estimates_converge_like_one_over_sqrt_samples(name, engine, 
     case = _case(name)
     model = case.model()
     x, y = case.data(n=8)
-    reference = value_reference(case, n=8)
+    reference = case_reference(case, n=8)
     exact, smooth = reference.hessian_diagonal, reference.smooth
     errors = {}
     for count in counts:
@@ -100,7 +100,7 @@ def test_exact_engine_block_and_entry_methods_agree(name):
         results[method] = curvature.compute(batches_of(x, y, 3)).hessian_diagonal
     scale = np.abs(results["entry"]).max()
     np.testing.assert_allclose(results["block"], results["entry"], rtol=0, atol=1e-5 * scale)
-    reference = value_reference(case)
+    reference = case_reference(case)
     assert np.abs(results["block"] - reference.hessian_diagonal)[reference.smooth].max() <= 1e-5 * np.abs(reference.hessian_diagonal).max()
 
 

@@ -1,10 +1,11 @@
-"""layer_derivatives against float64 differences of loss values, on the shared case table."""
+"""layer_derivatives against float64 references from loss values (frozen decisions where the suffix is piecewise
+linear), on the shared case table."""
 
 import numpy as np
 import pytest
 
 from pipeline.curvature import finite_difference_derivatives, layer_derivatives
-from tests.curvature.cases import CASE_IDS, CASES, assert_close, value_reference
+from tests.curvature.cases import CASE_IDS, CASES, assert_close, reference
 
 
 @pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
@@ -12,7 +13,7 @@ def case_with_reference(request):
     case = request.param
     model = case.model()
     x, y = case.data()
-    return case, model, x, y, value_reference(case)
+    return case, model, x, y, reference(case)
 
 
 def test_exact_engine_matches_loss_value_differences(case_with_reference):
