@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pipeline.errors import BadInputError, HessdiagError, Interrupted
 from pipeline.ray_auth import use_available_token
+from pipeline.stop_signals import install_stop_handlers, restore_handlers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of one parameter tensor.")
 console = Console(soft_wrap=True)
@@ -203,7 +204,16 @@ def submit(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other)."""
+    """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other;
+    SIGTERM 143 and Ctrl-C 130, wherever they land)."""
+    saved_handlers = install_stop_handlers()
+    try:
+        _main(argv)
+    finally:
+        restore_handlers(saved_handlers)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     try:
         use_available_token()  # before Ray is imported: Ray reads its auth mode once
         code = app(args=argv, standalone_mode=False)

@@ -81,6 +81,7 @@ def resolve_example_block(config: Config, job: Job, log: Callable[[str], None], 
         return int(existing.attrs["example_block"]), existing.attrs.get("calibration")
     if config.compute.example_block != "auto":
         return int(config.compute.example_block), None
+    log(f"example_block auto: timing the {job.curvature.choice.name} engine on one example")
     calibration = job.calibrate()
     block = auto_example_block(calibration["seconds_per_example"], config.compute.unit_seconds, config.data.batch_size, job.examples)
     log(f"calibration: {calibration['seconds_per_example']:.3g} s per example for {calibration['group_channels']} channels;"
@@ -137,14 +138,31 @@ def open_store(config: Config, job: Job, plan: Plan, overwrite: bool, calibratio
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:
     """Start or resume the run described by ``config``; returns after validation.
 
-    SIGTERM or Ctrl-C stop handing out units, release the lock and raise ``Interrupted``
-    saying how many units are done; rerunning resumes.
+    SIGTERM or Ctrl-C, wherever they land (loading, calibration, units, folding, validation),
+    stop the run, release the lock and raise ``Interrupted`` saying how many units are done;
+    rerunning resumes.
     """
     saved_handlers = install_stop_handlers()
     try:
         return _run(config, overwrite, live, log)
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, _stopped_message(config)) from None
     finally:
         restore_handlers(saved_handlers)
+
+
+def _stopped_message(config: Config) -> str | None:
+    """``interrupted; N of M units done; ...`` from the store this config resumes; None (the plain
+    message) before such a store holds a plan."""
+    try:
+        store = resumable_store(config, overwrite=False)
+        if store is None:
+            return None
+        plan = store.plan
+        done = unit_state(store, plan, {shard.index for shard in store.verify(plan)[0]}).done
+    except Exception:  # noqa: BLE001 - a store that cannot say how far it got: the plain message
+        return None
+    return f"interrupted; {len(done)} of {len(plan.units)} units done; rerun the same command to resume"
 
 
 def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str], None] | None) -> RunResult:
@@ -203,10 +221,6 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
                     progress.unit_retry(unit.name, reason, attempt)
 
                 executor.execute(state.todo, on_done, on_retry, lambda: store.heartbeat(token))
-            except Interrupted as exc:
-                finished = len(unit_state(store, plan, {s.index for s in store.verify(plan)[0]}).done)
-                raise Interrupted(exc.signum, f"interrupted; {finished} of {total} units done;"
-                                  " rerun the same command to resume") from None
             finally:
                 executor.close()
         progress.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import load_config
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, Interrupted
 from pipeline.ray_auth import auth_headers, missing_token_error
 from pipeline.worker import worker_environment
 
@@ -97,8 +97,11 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
     print_(f"follow it with: hessdiag status {job_id} --address {address}")
     if not follow:
         return 0
-    with jobs_api_errors(address):
-        return follow_job(client, job_id, print_)
+    try:
+        with jobs_api_errors(address):
+            return follow_job(client, job_id, print_)
+    except Interrupted as exc:  # the job is not stopped with the command that follows it
+        raise Interrupted(exc.signum, f"interrupted; job {job_id} keeps running: hessdiag status {job_id} --address {address}") from None
 
 
 def jobs_client(address: str):
