@@ -15,8 +15,9 @@ from typing import Callable, Iterator
 
 from pipeline.config import Config
 from pipeline.errors import HessdiagError
+from pipeline.logs import verbose
 from pipeline.plan import Unit
-from pipeline.ray_auth import use_available_token
+from pipeline.ray_auth import choose_local_token_mode, use_available_token
 from pipeline.stop_signals import deferred, raise_if_stopped
 from pipeline.worker import UnitWorker, worker_environment
 
@@ -73,15 +74,17 @@ def _without_ray_sigterm_handlers() -> Iterator[None]:
 
 
 def start_ray(address: str | None) -> None:
-    """Start a fresh local Ray (``address`` None) or join one.
+    """Start a fresh local Ray (``address`` None) or join one; Ray's logs and the actors' output stay in
+    Ray's log files unless verbose (``--verbose``, ``HESSDIAG_DEBUG=1``).
 
     ``local`` starts a fresh Ray whatever the machine holds: plain ray.init() would join the
     "latest cluster" of a dead head and hang. A stop signal during start-up is raised once Ray is up.
     """
     import ray
 
+    loud = verbose()
     with deferred(), _without_ray_sigterm_handlers():
-        ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address=address or "local", include_dashboard=False, configure_logging=loud, log_to_driver=loud)
 
 
 def gather(refs: list) -> list:
@@ -101,6 +104,8 @@ class RayExecutor:
 
     def __init__(self, config: Config, log: Callable[[str], None], run_id: str | None = None):
         use_available_token()
+        if config.cluster.address is None:
+            choose_local_token_mode()
         import ray
 
         self.config = config

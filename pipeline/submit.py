@@ -9,6 +9,7 @@ Equivalent command line (from a directory holding the config):
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import shutil
@@ -20,6 +21,7 @@ from typing import Callable, Iterator
 
 from pipeline.config import load_config
 from pipeline.errors import BadInputError, Interrupted
+from pipeline.logs import verbose
 from pipeline.ray_auth import auth_headers, missing_token_error
 from pipeline.worker import worker_environment
 
@@ -105,9 +107,15 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
 
 
 def jobs_client(address: str):
-    """A Jobs API client that authenticates with the cluster's token when one is available."""
+    """A Jobs API client that authenticates with the cluster's token when one is available.
+
+    Unless verbose, Ray's INFO lines ("Uploading package ...") stay off stderr.
+    """
     from ray.job_submission import JobSubmissionClient
 
+    if not verbose():
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the second sets its own level at import
+            logging.getLogger(name).setLevel(logging.WARNING)
     return JobSubmissionClient(address, headers=auth_headers())
 
 
