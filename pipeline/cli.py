@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from typing import List, Optional
@@ -14,12 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import BadInputError, HessdiagError, Interrupted
+from pipeline.logs import import_tensorflow, quiet_start, verbose
 from pipeline.ray_auth import use_available_token
+from pipeline.stop_signals import install_stop_handlers, restore_handlers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact gradients and Hessian diagonals of a Keras model's weight tensors.")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 SET_HELP = "override a config key, e.g. --set compute.shard_size=16 (repeatable)"
 OPTIONS_HELP = "fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'"
+VERBOSE_HELP = "also print TensorFlow's and Ray's own log lines, and the traceback of an unexpected error (= HESSDIAG_DEBUG=1)"
 
 
 def _storage_options(raw: Optional[str]) -> dict:
@@ -99,11 +101,14 @@ def run(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, help="replace a store written for another config"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check inputs and print the plan; write nothing"),
+    verbose_: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Start or resume a run; exit 0 when complete and validated, 3 when validation failed, 2 on bad input."""
+    quiet_start(verbose_)
     from pipeline.config import load_config
 
     cfg = load_config(config, set_)
+    import_tensorflow()
     if dry_run:
         _dry_run(cfg)
         return
@@ -126,8 +131,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
     storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
     address: Optional[str] = typer.Option(None, help="Ray dashboard address: STORE is then a job id from `submit`"),
+    verbose_: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Units done/total, missing or corrupt shards, timing, engine, validation state."""
+    quiet_start(verbose_)
     if address:
         from pipeline.submit import job_status
 
@@ -173,8 +180,11 @@ def validate(
     store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
     samples: Optional[int] = typer.Option(None, help="entries to check (default: the config's validation.samples)"),
     storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    verbose_: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Re-check an existing store: chunk checksums, then sampled finite differences. Exit 3 on failure."""
+    quiet_start(verbose_)
+    import_tensorflow()
     from pipeline.config import parse_config
     from pipeline.job import Job
     from pipeline.store import ResultStore
@@ -199,8 +209,10 @@ def report(
     store: str = typer.Argument(..., help="path or URL of a hessdiag store"),
     out: str = typer.Option("report", help="directory for the PNG plots and report.md"),
     storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    verbose_: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Plots (PNG) and a Markdown summary of a store."""
+    quiet_start(verbose_)
     from pipeline.report import write_report
     from pipeline.store import ResultStore
 
@@ -216,8 +228,10 @@ def submit(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     follow: bool = typer.Option(False, help="stream the job's logs and exit with its status"),
     pip: bool = typer.Option(False, help="have Ray install the project's dependencies on the cluster (runtime_env pip)"),
+    verbose_: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP + "; the job runs verbose too"),
 ):
     """Submit `hessdiag run CONFIG` as a Ray job that ships this package and the config."""
+    quiet_start(verbose_)
     from pipeline.submit import submit_job
 
     code = submit_job(config, address, set_, follow, print_=print, pip=pip)
@@ -226,7 +240,16 @@ def submit(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other)."""
+    """Console entry point: maps errors to exit codes (2 bad input, 3 validation failed, 1 other;
+    SIGTERM 143 and Ctrl-C 130, wherever they land)."""
+    saved_handlers = install_stop_handlers()
+    try:
+        _main(argv)
+    finally:
+        restore_handlers(saved_handlers)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     try:
         use_available_token()  # before Ray is imported: Ray reads its auth mode once
         code = app(args=argv, standalone_mode=False)
@@ -244,9 +267,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click.exceptions.Abort:
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - anything unexpected: one line, exit 1 (HESSDIAG_DEBUG=1 shows the traceback)
-        if os.environ.get("HESSDIAG_DEBUG"):
+        if verbose():
             traceback.print_exc()
         first = (str(exc).strip().splitlines() or [""])[0][:500]
-        print(f"error: {type(exc).__name__}: {first} (set HESSDIAG_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {first} (--verbose or HESSDIAG_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -81,6 +81,7 @@ def resolve_example_block(config: Config, job: Job, log: Callable[[str], None], 
         return int(existing.attrs["example_block"]), existing.attrs.get("calibration")
     if config.compute.example_block != "auto":
         return int(config.compute.example_block), None
+    log("example_block auto: timing one example of the shared pass and of each separate tensor")
     calibration = job.calibrate()
     probe = job.plan(1)
     slowest = max(unit_seconds(probe, unit, calibration["seconds_per_example"]) for unit in probe.units)
@@ -168,14 +169,31 @@ def summarize(store: ResultStore, plan: Plan) -> None:
 def run(config: Config, *, overwrite: bool = False, live: bool | None = None, log: Callable[[str], None] | None = None) -> RunResult:
     """Start or resume the run described by ``config``; returns after validation.
 
-    SIGTERM or Ctrl-C stop handing out units, release the lock and raise ``Interrupted``
-    saying how many units are done; rerunning resumes.
+    SIGTERM or Ctrl-C, wherever they land (loading, calibration, units, folding, validation),
+    stop the run, release the lock and raise ``Interrupted`` saying how many units are done;
+    rerunning resumes.
     """
     saved_handlers = install_stop_handlers()
     try:
         return _run(config, overwrite, live, log)
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, _stopped_message(config)) from None
     finally:
         restore_handlers(saved_handlers)
+
+
+def _stopped_message(config: Config) -> str | None:
+    """``interrupted; N of M units done; ...`` from the store this config resumes; None (the plain
+    message) before such a store holds a plan."""
+    try:
+        store = resumable_store(config, overwrite=False)
+        if store is None:
+            return None
+        plan = store.plan
+        done = unit_state(store, plan, {shard.name for shard in store.verify(plan)[0]}).done
+    except Exception:  # noqa: BLE001 - a store that cannot say how far it got: the plain message
+        return None
+    return f"interrupted; {len(done)} of {len(plan.units)} units done; rerun the same command to resume"
 
 
 def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str], None] | None) -> RunResult:
@@ -234,10 +252,6 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
                     progress.unit_retry(unit.name, reason, attempt)
 
                 executor.execute(state.todo, on_done, on_retry, lambda: store.heartbeat(token))
-            except Interrupted as exc:
-                finished = len(unit_state(store, plan, {s.name for s in store.verify(plan)[0]}).done)
-                raise Interrupted(exc.signum, f"interrupted; {finished} of {total} units done;"
-                                  " rerun the same command to resume") from None
             finally:
                 executor.close()
         progress.close()

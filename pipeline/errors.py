@@ -24,6 +24,6 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int, message: str | None = None):
-        super().__init__(message or f"interrupted by signal {signum}")
+        super().__init__(message or "interrupted; rerun the same command to resume")
         self.signum = signum
         self.exit_code = 128 + signum

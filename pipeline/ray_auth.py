@@ -48,6 +48,18 @@ def use_available_token() -> str | None:
     return token
 
 
+def choose_local_token_mode() -> None:
+    """Choose token mode explicitly for the fresh local Ray this process is about to start.
+
+    A new local Ray turns token authentication on when RAY_AUTH_MODE is unset (generating a token
+    if none exists) and says so on stderr ("Token authentication is enabled for this Ray
+    cluster..."); choosing that same mode beforehand keeps the line out of every run. A mode the
+    user chose is kept; only before Ray is imported (see ``use_available_token``).
+    """
+    if not os.environ.get("RAY_AUTH_MODE") and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def auth_headers() -> dict[str, str]:
     """HTTP headers for the Ray Jobs API: the bearer token when one is available."""
     token = use_available_token()

@@ -9,6 +9,7 @@ Equivalent command line (from a directory holding the config):
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import shutil
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import load_config
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, Interrupted
+from pipeline.logs import verbose
 from pipeline.ray_auth import auth_headers, missing_token_error
 from pipeline.worker import worker_environment
 
@@ -97,14 +99,23 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
     print_(f"follow it with: hessdiag status {job_id} --address {address}")
     if not follow:
         return 0
-    with jobs_api_errors(address):
-        return follow_job(client, job_id, print_)
+    try:
+        with jobs_api_errors(address):
+            return follow_job(client, job_id, print_)
+    except Interrupted as exc:  # the job is not stopped with the command that follows it
+        raise Interrupted(exc.signum, f"interrupted; job {job_id} keeps running: hessdiag status {job_id} --address {address}") from None
 
 
 def jobs_client(address: str):
-    """A Jobs API client that authenticates with the cluster's token when one is available."""
+    """A Jobs API client that authenticates with the cluster's token when one is available.
+
+    Unless verbose, Ray's INFO lines ("Uploading package ...") stay off stderr.
+    """
     from ray.job_submission import JobSubmissionClient
 
+    if not verbose():
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the second sets its own level at import
+            logging.getLogger(name).setLevel(logging.WARNING)
     return JobSubmissionClient(address, headers=auth_headers())
 
 

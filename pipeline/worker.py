@@ -14,15 +14,22 @@ import socket
 import time
 
 from pipeline.config import Config, parse_config
+from pipeline.logs import DEBUG, TF_LOG_LEVEL, verbose
 from pipeline.plan import Unit
 from pipeline.store import ResultStore
 
 
 def worker_environment() -> dict[str, str]:
     """Environment a worker process needs before TensorFlow is imported, for Ray actors and jobs:
-    quiet logs, and this process's ``TF_ENABLE_ONEDNN_OPTS`` when set (``0`` trades CPU speed for
-    TensorFlow's own kernels, which round less than oneDNN's)."""
-    environment = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    this process's log settings (quiet TensorFlow, or ``HESSDIAG_DEBUG`` when verbose), and its
+    ``TF_ENABLE_ONEDNN_OPTS`` when set (``0`` trades CPU speed for TensorFlow's own kernels, which
+    round less than oneDNN's)."""
+    environment = {}
+    if verbose():
+        environment[DEBUG] = "1"
+    level = os.environ.get(TF_LOG_LEVEL) or (None if verbose() else "3")
+    if level is not None:
+        environment[TF_LOG_LEVEL] = level
     if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
         environment["TF_ENABLE_ONEDNN_OPTS"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     return environment

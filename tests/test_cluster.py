@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine: job submission, spread placement, node loss."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +50,9 @@ def test_submitted_job_succeeds_spread_over_both_nodes(submitted, cluster):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted job raysubmit_" in done.stdout and "SUCCEEDED" in done.stdout
     assert "2 actors x (1 CPU, 0 GPU) on 1 node(s)" in done.stdout  # both nodes share this host name
+    assert not done.stderr.strip(), done.stderr[-3000:]  # no Ray lines ("Uploading package ...") from `submit`
+    tensorflow = [line for line in done.stdout.splitlines() if re.match(r"[IWEF]\d{4} |WARNING: All log messages", line)]
+    assert not tensorflow, tensorflow[:5]  # nor TensorFlow's from the job's driver
     attrs = ResultStore.open(str(out), mode="r").attrs
     assert attrs["complete"] is True and attrs["validation"]["passed"] is True
     pids = {entry["pid"] for entry in ResultStore.open(str(out), mode="r").unit_records().values()}
