@@ -32,9 +32,9 @@ import tensorflow as tf
 
 from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
 from pipeline.curvature.graph import suffix_of
-from pipeline.curvature.precision import as_float32, float64_clone
+from pipeline.curvature.precision import as_float32, computing_in_float64
 from pipeline.curvature.problem import Problem, final_softmax
-from pipeline.curvature.target import Target, channel_patches, column_gradients, contract, layer_paths
+from pipeline.curvature.target import Target, channel_patches, column_gradients, contract
 from pipeline.errors import BadInputError
 from pipeline.losses import Loss
 
@@ -109,10 +109,10 @@ class FactoredPass:
     Examples are processed in chunks that fit ``memory_budget`` bytes; columns in chunks of
     ``column_chunk``. ``z_channels`` restricts a single target to a slice of its z channels.
 
-    ``decisions``: ``float64`` takes the forward pass (ReLU masks, max-pool routing, stage inputs, the
-    loss, its factor and gradient) from a float64 copy of the model, step for step, so no decision
-    flips near a tie through float32 rounding; the columns then go back in float32. ``float32``
-    takes it from the model itself.
+    ``decisions``: ``float64`` computes the forward pass (ReLU masks, max-pool routing, stage inputs,
+    the loss, its factor and gradient) in float64 from the float32 weights, cast up exactly, so no
+    decision flips near a tie through float32 rounding; the columns then go back in float32.
+    ``float32`` computes it in float32.
     """
 
     def __init__(self, loss: Loss, targets: Sequence[Target], peel_softmax: bool, column_chunk: int = 16,
@@ -124,23 +124,21 @@ class FactoredPass:
         self.suffix = suffix_of(model, layers, peeled=final_softmax(model) if peel_softmax else None)
         if not self.suffix.piecewise_linear:
             raise ValueError("the factored engine needs a piecewise-linear suffix: " + ", ".join(self.suffix.offending))
-        self.decisions, forward_model, forward_suffix = decisions, model, self.suffix
-        if decisions == "float64":
-            forward_model = float64_clone(model)
-            paths, mirror = {id(layer): path for path, layer in layer_paths(model)}, dict(layer_paths(forward_model))
-            mirrored = [mirror[paths[id(layer)]] for layer in layers]
-            forward_suffix = suffix_of(forward_model, mirrored, peeled=final_softmax(forward_model) if peel_softmax else None)
-            if [s.path for s in forward_suffix.steps] != [s.path for s in self.suffix.steps]:
-                raise RuntimeError("the float64 copy of the model does not mirror its graph step for step")
+        self.decisions = decisions
         self.factor_width = loss.factor_width(int(np.prod(model.outputs[0].shape[1:])))
         self.column_chunk = min(column_chunk, self.factor_width + 1)
         self.memory_budget = memory_budget
         self.stages = by_stage(targets, z_channels)
         self.sparse = self.factor_width >= SPARSE_MIN_CLASSES
         suffix = self.suffix
-        dtype = tf.float64 if decisions == "float64" else tf.float32
-        self._forward = tf.function(lambda x, y: as_float32(suffix_forward(forward_suffix, forward_model, loss, _in_dtype(x, dtype), y,
-                                                                           peel_softmax, factor_fn)))
+
+        def forward(x, y):
+            if decisions != "float64":
+                return suffix_forward(suffix, model, loss, x, y, peel_softmax, factor_fn)
+            with computing_in_float64(model):
+                return as_float32(suffix_forward(suffix, model, loss, _in_dtype(x, tf.float64), y, peel_softmax, factor_fn))
+
+        self._forward = tf.function(forward)
         self._backward = tf.function(lambda forward, ids: backward(suffix, forward, ids))
         self._reach = tf.function(lambda forward: backward(suffix, forward, None, magnitude=True))
         self._patches = tf.function(self._stage_patches)
@@ -164,15 +162,15 @@ class FactoredPass:
         return found
 
     def bytes_per_example(self) -> int:
-        """Memory one example takes at most: the forward pass's kept state (in float64 with float64 decisions), a
-        column chunk at every step, the Gram matrices (at most (C - 1)² per channel) and the patches."""
+        """Memory one example needs: the forward pass's kept state (more with float64 decisions), a column chunk
+        at every step, and the patches. Gram matrices come on top, only where they fit (``StageFold``): a stage
+        whose Gram matrices would not fit folds its columns by dense products instead, which need no more."""
         activations = [math.prod(int(d) for d in step.node.outputs[0].shape[1:])
                        for step in self.suffix.steps if step.node is not None]
         largest = max(activations, default=1)
-        grams = sum(stage.width * min(self.factor_width, stage.targets[0].positions) ** 2 for stage in self.stages) if self.sparse else 0
         patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
         kept = (3 if self.decisions == "float64" else 2) * sum(activations)
-        return 4 * (kept + 3 * self.column_chunk * largest + grams + patches)
+        return 4 * (kept + 3 * self.column_chunk * largest + patches)
 
     def check_memory(self) -> None:
         """Raise BadInputError when one example does not fit the memory budget, saying what would."""
@@ -218,7 +216,8 @@ class FactoredPass:
         forward = self._forward(x, y)
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
-        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), 1) for stage in self.stages}
+        spare = [max(0, self.memory_budget - self.bytes_per_example())]
+        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), 1, spare) for stage in self.stages}
         setup = time.perf_counter() - started
         timed = chunks[:max(1, min(timed_chunks, len(chunks)))]
         started = time.perf_counter()
@@ -249,7 +248,8 @@ class FactoredPass:
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
         examples = len(x)
-        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), examples) for stage in self.stages}
+        spare = [max(0, self.memory_budget - examples * self.bytes_per_example())]
+        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), examples, spare) for stage in self.stages}
         chunks = self._column_chunks()
         at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
         gradients: dict[str, np.ndarray] = {}
@@ -273,16 +273,20 @@ class FactoredPass:
 
 class StageFold:
     """One stage's running sums of squared weight gradients over column chunks: per-channel Gram matrices on
-    the support when it is narrower than the factor's width, else the products themselves."""
+    the support when it is narrower than the factor's width and they fit the ``spare`` bytes left (a one-element
+    list the stages draw from in turn), else the products themselves."""
 
-    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int):
+    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int, spare: list[int]):
         self.owner, self.stage, self.patches = owner, stage, patches
         self.positions = None
         if reach is not None:
             active = tf.transpose(stage.targets[0].flat_columns(reach)[0][..., stage.z_channels] > 0, (0, 2, 1))
             positions = support_positions(active)
-            if positions.shape[-1] < owner.factor_width:
+            support = int(positions.shape[-1])
+            gram_bytes = 4 * examples * stage.width * support * support
+            if support < owner.factor_width and gram_bytes <= spare[0]:
                 self.positions = positions
+                spare[0] -= gram_bytes
         support = 0 if self.positions is None else int(self.positions.shape[-1])
         self.width = owner._channel_width(stage, examples, support)
         self.gram = None if self.positions is None else tf.zeros((*self.positions.shape, support), tf.float32)

@@ -3,6 +3,10 @@ factored engine takes from a forward pass accurate enough not to flip them near 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from typing import Iterator
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -20,6 +24,30 @@ def float64_clone(model: keras.Model) -> keras.Model:
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
     return clone
+
+
+def _float64_policy(policy):
+    """``policy`` computing in float64 while its variables stay as they are (float32): a "mixed" policy, whose
+    layers read their variables cast up inside an autocast scope, exactly."""
+    mixed = copy.copy(policy)
+    mixed._compute_dtype = "float64"
+    return mixed
+
+
+@contextlib.contextmanager
+def computing_in_float64(model: keras.Model) -> Iterator[None]:
+    """Within the block every layer of ``model`` (nested models' and sublayers included) computes in float64 from its
+    float32 variables, cast up exactly: a float64 forward pass without a float64 copy of the weights."""
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+              if getattr(layer, "_dtype_policy", None) is not None and layer.compute_dtype == "float32"]
+    saved = [layer._dtype_policy for layer in layers]
+    try:
+        for layer, policy in zip(layers, saved):
+            layer._dtype_policy = _float64_policy(policy)
+        yield
+    finally:
+        for layer, policy in zip(layers, saved):
+            layer._dtype_policy = policy
 
 
 def as_float32(structure):
