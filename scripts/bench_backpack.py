@@ -80,10 +80,10 @@ def column_flops(curvature, batch: int) -> float:
     """FLOPs of back-propagating every factor column, and the loss gradient, through the suffix's convolutions and dense layers."""
     import keras
 
-    from pipeline.curvature.suffix import suffix_layers
+    from pipeline.curvature.suffix import suffix_operations
 
     total = 0
-    for layer in suffix_layers(curvature.target):
+    for layer in suffix_operations(curvature.target):
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             positions = int(np.prod(layer.output.shape[1:-1]))
             total += 2 * positions * int(np.prod(layer.kernel.shape))
@@ -187,6 +187,129 @@ def role_backpack(model_key: str, batch: int, out: str, warm_up: bool) -> dict:
     return {"seconds": seconds}
 
 
+def peak_bytes() -> int:
+    """This process's peak resident memory so far: taken right after the computation, before results are saved."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def vgg16_at(size: int):
+    import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    return keras.applications.VGG16(weights=None, input_shape=(size, size, 3), classes=1000)
+
+
+def network_inputs(size: int):
+    model = vgg16_at(size)
+    rng = np.random.default_rng(1)
+    return model, rng.normal(size=(1, size, size, 3)).astype("float32"), np.array([3])
+
+
+def network_flops(model, factor_width: int) -> float:
+    """FLOPs of back-propagating every factor column and the gradient column through VGG16's convolutions and dense
+    layers, input-gradients (all but the first layer) and weight-gradient products alike."""
+    import keras
+
+    total = 0
+    for index, layer in enumerate(l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))):
+        positions = int(np.prod(layer.output.shape[1:-1]))
+        per_column = 2 * positions * int(np.prod(layer.kernel.shape))
+        total += per_column * (2 if index else 1)
+    return total * (factor_width + 1)
+
+
+def role_ours_network(size: int, out: str) -> dict:
+    """Every kernel and bias of VGG16 from one shared pass, one example, first call (tracing included)."""
+    from pipeline.curvature.network import NetworkCurvature
+    from pipeline.curvature.target import resolve_targets
+    from pipeline.losses import get_loss
+    from pipeline.worker import configure_tensorflow
+
+    configure_tensorflow(os.cpu_count())
+    model, x, y = network_inputs(size)
+    rate_before = gemm_rate()
+    started = time.perf_counter()
+    network = NetworkCurvature(model, resolve_targets(model, "all"), get_loss("sparse_categorical_crossentropy"),
+                               column_chunk=16, memory_budget=1 << 29)
+    sums, _ = network.shared.batch_sums(x, y)  # the gradient and diagonal of every tensor, in memory, as BackPACK leaves them
+    seconds, peak = time.perf_counter() - started, peak_bytes()
+    np.savez(out, **{name.replace("/", "__"): network.targets[name].weight.to_weight(diagonal, slice(0, network.targets[name].weight.channels))
+                     for name, (_, diagonal) in sums.items()})
+    return {"seconds": seconds, "peak_bytes": peak, "flops": network_flops(model, network.shared.factor_width),
+            "gemm": max(rate_before, gemm_rate()), "method": network.shared.column_method, "tensors": len(sums)}
+
+
+def role_backpack_network(size: int, out: str) -> dict:
+    """BackPACK's DiagHessian of every parameter of the same VGG16 (a torch Sequential with its weights), one example."""
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import DiagHessian
+
+    torch.set_num_threads(os.cpu_count())
+    model, x, y = network_inputs(size)
+    first = model.layers[1].name
+    names = [layer.name for layer in model.layers if hasattr(layer, "kernel")]
+    flatten_shape = tuple(next(l for l in model.layers if l.name == "flatten").input.shape[1:])
+    network = extend(torch_suffix(model, first))
+    del model
+    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="mean"))
+    started = time.perf_counter()
+    loss = loss_fn(network(torch.tensor(np.transpose(x, (0, 3, 1, 2)).copy())), torch.tensor(y))
+    with backpack(DiagHessian()):
+        loss.backward()
+    seconds, peak = time.perf_counter() - started, peak_bytes()
+    found, modules = {}, [m for m in network if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for index, (name, module) in enumerate(zip(names, modules)):
+        weight = module.weight.diag_h.detach().numpy()
+        if weight.ndim == 4:
+            weight = np.transpose(weight, (2, 3, 1, 0))
+        else:
+            weight = weight.T
+            if index == len([m for m in modules if isinstance(m, torch.nn.Conv2d)]):  # the first dense: torch CHW, Keras HWC
+                h, w, c = flatten_shape
+                weight = weight.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+        found[f"{name}__kernel"] = weight
+        found[f"{name}__bias"] = module.bias.diag_h.detach().numpy()
+    np.savez(out, **found)
+    return {"seconds": seconds, "peak_bytes": peak}
+
+
+def compare_network(size: int, workdir: str, backpack_limit_gb: float) -> None:
+    """The whole of VGG16, every tensor, one example: both sides once (first call), each in its own process."""
+    results = {}
+    for role in ("ours_network", "backpack_network"):
+        out = os.path.join(workdir, f"{role}-{size}.npz")
+        command = [sys.executable, __file__, "--role", role, "--size", str(size), "--out", out]
+        if role == "backpack_network":
+            command += ["--limit-gb", str(backpack_limit_gb)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()
+            results[role] = {"error": f"exit {done.returncode} after {wall:.0f} s: {tail[-1] if tail else ''}"[:300]}
+            continue
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        record["diagonals"] = dict(np.load(out))
+        results[role] = record
+    ours, theirs = results["ours_network"], results["backpack_network"]
+    label = f"vgg16 (every tensor), {size}x{size}, batch 1, factored [{ours.get('method', '')}] (first call each, tracing included)"
+    if "error" in ours:
+        print(f"{label}: hessdiag {ours['error']}")
+        return
+    rate = ours["flops"] / ours["seconds"] / 1e9
+    mine = (f"hessdiag {ours['seconds']:.1f} s, peak {ours['peak_bytes'] / 2**30:.2f} GiB, {ours['tensors']} tensors"
+            f" | column back-propagation {ours['flops'] / 1e12:.2f} TFLOP: {rate:.0f} GFLOP/s = {rate / ours['gemm']:.2f} of GEMM ({ours['gemm']:.0f})")
+    if "error" in theirs:
+        print(f"{label}: {mine} | BackPACK {theirs['error']} (address space limited to {backpack_limit_gb:g} GiB)", flush=True)
+        return
+    worst = max(np.abs(ours["diagonals"][k] - v).max() / np.abs(v).max() for k, v in theirs["diagonals"].items())
+    print(f"{label}: {mine} | BackPACK {theirs['seconds']:.1f} s, peak {theirs['peak_bytes'] / 2**30:.2f} GiB"
+          f" | speed-up {theirs['seconds'] / ours['seconds']:.2f}x, memory {ours['peak_bytes'] / theirs['peak_bytes']:.2f} of BackPACK's"
+          f" | worst tensor max |diff| / max|diag| {worst:.1e}", flush=True)
+
+
 def run_role(role: str, model_key: str, batch: int, workdir: str, warm_up: bool) -> dict:
     out = os.path.join(workdir, f"{role}-{model_key}-{batch}.npy")
     command = [sys.executable, __file__, "--role", role, "--model", model_key, "--batch", str(batch), "--out", out]
@@ -238,10 +361,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default: each model's own")
     parser.add_argument("--cold", action="append", default=["vgg16"], help="models timed on their first call (default vgg16)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the warm comparisons (default 3)")
-    parser.add_argument("--role", choices=["ours", "backpack"], help=argparse.SUPPRESS)
+    parser.add_argument("--network", type=int, action="append", metavar="SIZE",
+                        help="also compare every tensor of VGG16 at SIZE x SIZE (repeatable, e.g. --network 112 --network 224)")
+    parser.add_argument("--limit-gb", type=float, default=20.0, help="BackPACK's address-space limit in the network comparison")
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["ours", "backpack", "ours_network", "backpack_network"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--warm-up", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role in ("ours_network", "backpack_network"):
+        if args.role == "backpack_network":
+            limit = int(args.limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            record = role_backpack_network(args.size, args.out)
+        else:
+            record = role_ours_network(args.size, args.out)
+        print(json.dumps(record))
+        return
     if args.role:
         key = args.model[0]
         record = role_ours(key, args.batch, args.out, args.warm_up) if args.role == "ours" else role_backpack(key, args.batch, args.out, args.warm_up)
@@ -252,6 +388,10 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as workdir:
+        for size in args.network or []:
+            compare_network(size, workdir, args.limit_gb)
+        if args.network and not args.model:
+            return
         for key in args.model or list(MODELS):
             compare(key, args.batch or MODELS[key][4], workdir, warm_up=key not in args.cold, rounds=args.rounds)
     repeated_call_cost()

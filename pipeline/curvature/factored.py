@@ -161,24 +161,30 @@ class FactoredPass:
                 found[target.name] = channel_patches(target.patches(u), target.group_ids(stage.z_channels))
         return found
 
+    def _bytes_per_column(self) -> int:
+        """Memory one column of one example takes: at every step (the running cotangents) and at every target's z."""
+        largest = max((math.prod(int(d) for d in step.node.outputs[0].shape[1:])
+                       for step in self.suffix.steps if step.node is not None), default=1)
+        captured = sum(stage.targets[0].positions * stage.width for stage in self.stages)
+        return 4 * (3 * largest + captured)
+
     def bytes_per_example(self) -> int:
         """Memory one example needs: the forward pass's kept state (more with float64 decisions), a column chunk
-        at every step, and the patches. Gram matrices come on top, only where they fit (``StageFold``): a stage
-        whose Gram matrices would not fit folds its columns by dense products instead, which need no more."""
-        activations = [math.prod(int(d) for d in step.node.outputs[0].shape[1:])
-                       for step in self.suffix.steps if step.node is not None]
-        largest = max(activations, default=1)
+        and the patches. Gram matrices and product calls share what the budget leaves (``SpareMemory``): a stage
+        whose Gram matrices would not fit folds its columns by products instead, which need no more."""
+        activations = sum(math.prod(int(d) for d in step.node.outputs[0].shape[1:])
+                          for step in self.suffix.steps if step.node is not None)
         patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
-        kept = (3 if self.decisions == "float64" else 2) * sum(activations)
-        return 4 * (kept + 3 * self.column_chunk * largest + patches)
+        kept = (3 if self.decisions == "float64" else 2) * activations
+        return 4 * (kept + patches) + self.column_chunk * self._bytes_per_column()
 
     def check_memory(self) -> None:
         """Raise BadInputError when one example does not fit the memory budget, saying what would."""
         needed = self.bytes_per_example()
         if needed <= self.memory_budget:
             return
-        largest = max(math.prod(int(d) for d in step.node.outputs[0].shape[1:]) for step in self.suffix.steps if step.node is not None)
-        fits = (self.memory_budget - (needed - 12 * self.column_chunk * largest)) // (12 * largest)
+        per_column = self._bytes_per_column()
+        fits = (self.memory_budget - (needed - self.column_chunk * per_column)) // per_column
         hint = (f"compute.column_chunk {int(fits)} would fit" if fits >= 1 else
                 f"it needs compute.memory_gb of at least {needed / 2**30:.1f}")
         raise BadInputError(f"the factored engine needs {needed / 2**30:.2f} GiB for one example of these {len(self.targets)}"
@@ -189,11 +195,15 @@ class FactoredPass:
         """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
         return max(1, self.memory_budget // self.bytes_per_example())
 
-    def _channel_width(self, stage: StageTargets, examples: int, support: int) -> int:
-        """Channels per product call that fit the budget (weight gradients of a chunk, or gathered patches)."""
+    def _channel_width(self, stage: StageTargets, examples: int, support: int, available: int) -> int:
+        """Channels per product call whose weight gradients of a chunk (or gathered patches), and their squares, fit
+        ``available`` bytes; at least one."""
         features = max(t.features for t in stage.targets)
         per_channel = 4 * examples * features * (2 * support if support else self.column_chunk)
-        return max(1, min(stage.width, self.memory_budget // (2 * per_channel)))
+        return max(1, min(stage.width, available // (2 * per_channel)))
+
+    def _spare(self, examples: int) -> "SpareMemory":
+        return SpareMemory(max(0, self.memory_budget - examples * self.bytes_per_example()))
 
     def _column_chunks(self) -> list[tf.Tensor]:
         """Column ids in chunks of ``column_chunk``: every factor column, then the loss gradient (id K + 1); the
@@ -216,7 +226,7 @@ class FactoredPass:
         forward = self._forward(x, y)
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
-        spare = [max(0, self.memory_budget - self.bytes_per_example())]
+        spare = self._spare(1)
         folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), 1, spare) for stage in self.stages}
         setup = time.perf_counter() - started
         timed = chunks[:max(1, min(timed_chunks, len(chunks)))]
@@ -248,7 +258,7 @@ class FactoredPass:
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
         examples = len(x)
-        spare = [max(0, self.memory_budget - examples * self.bytes_per_example())]
+        spare = self._spare(examples)
         folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), examples, spare) for stage in self.stages}
         chunks = self._column_chunks()
         at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
@@ -271,12 +281,28 @@ class FactoredPass:
         return sums, float(forward.loss)
 
 
+class SpareMemory:
+    """The bytes a pass has beyond its examples' needs (``bytes_per_example``): half for Gram matrices, which live
+    through the pass and which the stages draw in turn, half for the one product call that runs at a time."""
+
+    def __init__(self, spare: int):
+        self.grams = spare // 2
+        self.products = spare - self.grams
+
+    def take_gram(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` for Gram matrices if they fit what is left."""
+        if nbytes > self.grams:
+            return False
+        self.grams -= nbytes
+        return True
+
+
 class StageFold:
     """One stage's running sums of squared weight gradients over column chunks: per-channel Gram matrices on
-    the support when it is narrower than the factor's width and they fit the ``spare`` bytes left (a one-element
-    list the stages draw from in turn), else the products themselves."""
+    the support when it is narrower than the factor's width and they fit the ``spare`` memory, else the products
+    themselves."""
 
-    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int, spare: list[int]):
+    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int, spare: SpareMemory):
         self.owner, self.stage, self.patches = owner, stage, patches
         self.positions = None
         if reach is not None:
@@ -284,11 +310,10 @@ class StageFold:
             positions = support_positions(active)
             support = int(positions.shape[-1])
             gram_bytes = 4 * examples * stage.width * support * support
-            if support < owner.factor_width and gram_bytes <= spare[0]:
+            if support < owner.factor_width and spare.take_gram(gram_bytes):
                 self.positions = positions
-                spare[0] -= gram_bytes
         support = 0 if self.positions is None else int(self.positions.shape[-1])
-        self.width = owner._channel_width(stage, examples, support)
+        self.width = owner._channel_width(stage, examples, support, spare.products)
         self.gram = None if self.positions is None else tf.zeros((*self.positions.shape, support), tf.float32)
         self.sums = {t.name: None for t in stage.targets}
 
@@ -300,17 +325,17 @@ class StageFold:
                 raise RuntimeError(f"{int(outside)} factor-column entries lie outside their computed support")
             return
         for target in self.stage.targets:
-            part = _by_channels(lambda o, end: owner._dense(_channels(self.patches[target.name], o, end), columns[..., o:end]),
-                                self.stage.width, self.width)
-            self.sums[target.name] = part if self.sums[target.name] is None else self.sums[target.name] + part
+            self.sums[target.name] = _by_channels(
+                lambda o, end: owner._dense(_channels(self.patches[target.name], o, end), columns[..., o:end]),
+                self.stage.width, self.width, self.sums[target.name])
 
     def result(self) -> dict[str, np.ndarray]:
         if self.positions is None:
-            return {name: values.numpy() for name, values in self.sums.items()}
+            return self.sums
         owner = self.owner
         return {t.name: _by_channels(lambda o, end: owner._gram_products(_channels(self.patches[t.name], o, end),
                                                                           self.positions[:, o:end], self.gram[:, o:end]),
-                                     self.stage.width, self.width).numpy()
+                                     self.stage.width, self.width)
                 for t in self.stage.targets}
 
 
@@ -324,8 +349,15 @@ def _channels(patches: tf.Tensor, start: int, stop: int) -> tf.Tensor:
     return patches if patches.shape.rank == 3 else patches[:, :, start:stop]
 
 
-def _by_channels(products, channels: int, width: int) -> tf.Tensor:
-    return tf.concat([products(o, min(o + width, channels)) for o in range(0, channels, width)], axis=1)
+def _by_channels(products, channels: int, width: int, into: np.ndarray | None = None) -> np.ndarray:
+    """(F, channels) ``products(o, end)`` of channels o:end, ``width`` at a time, added to ``into`` in place when
+    given (so no call's result is copied again)."""
+    for o in range(0, channels, width):
+        part = products(o, min(o + width, channels)).numpy()
+        if into is None:
+            into = np.zeros((part.shape[0], channels), part.dtype)
+        into[:, o:o + part.shape[1]] += part
+    return into
 
 
 class FactoredEngine:
