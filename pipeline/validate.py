@@ -16,11 +16,13 @@ are also spot-checked with the exact engine.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from pipeline.config import ValidationConfig
 from pipeline.curvature.exact import exact_entries
 from pipeline.curvature.finite_diff import finite_difference_derivatives, frozen_decision_derivatives
+from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.second_order import rule_layers
 from pipeline.job import Job
@@ -64,14 +66,15 @@ def spot_checked(job: Job, plan: Plan) -> set[int]:
 
 
 def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indices, config: ValidationConfig,
-                    spot_check: bool = False) -> dict:
-    """One tensor's validation summary, with each sampled entry."""
+                    spot_check: bool = False, model64: keras.Model | None = None) -> dict:
+    """One tensor's validation summary, with each sampled entry (``model64``: the model's float64 clone, if made)."""
     spec = plan.tensors[tensor]
     target = job.targets[tensor]
     c = job.config
     check = job.curvature.checks[spec.name]
     choice = job.curvature.choices[spec.name]
-    options = dict(loss=c.loss.name, from_logits=c.loss.from_logits, weight=target.weight.name, batches=job.iter_batches)
+    options = dict(loss=c.loss.name, from_logits=c.loss.from_logits, weight=target.weight.name, batches=job.iter_batches,
+                   model64=model64)
     if check.piecewise_linear:
         reference = frozen_decision_derivatives(job.model, target.path, indices, peel_softmax=check.peel_softmax, **options)
         method = "frozen-decision differences"
@@ -125,9 +128,11 @@ def validate_store(job: Job, store: ResultStore, plan: Plan, config: ValidationC
         return summary
     per_tensor = {}
     checked = spot_checked(job, plan)
+    model64 = float64_clone(job.model)  # one float64 copy for every tensor's reference
     for index, spec in enumerate(plan.tensors):
         indices = chosen_indices(store, plan, index, counts[index], config.seed)
-        per_tensor[spec.name] = validate_tensor(job, store, plan, index, indices, config, spot_check=index in checked)
+        per_tensor[spec.name] = validate_tensor(job, store, plan, index, indices, config, spot_check=index in checked,
+                                                model64=model64)
         store.update_tensor_attrs(spec.name, validation=per_tensor[spec.name])
     brief = {name: {k: v for k, v in result.items() if k != "entries"} for name, result in per_tensor.items()}
     summary = {

@@ -52,12 +52,14 @@ def finite_difference_derivatives(
     step: float = 1e-5,
     batch_size: int = 256,
     batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+    model64: keras.Model | None = None,
 ) -> FiniteDifferences:
     """Float64 central differences of the mean loss at each multi-index of the weight.
 
     ``batches``, when given, returns the data's (x, y) batches afresh on each call (streamed data), in place of ``x``, ``y``.
+    ``model64``: ``float64_clone(model)`` when the caller already made one (one per validation, not per tensor).
     """
-    model64 = float64_clone(model)
+    model64 = model64 or float64_clone(model)
     variable = resolve_target(model64, layer, weight).variable
     loss_fn = get_loss(loss, from_logits)
     if batches is None:
@@ -116,6 +118,7 @@ def frozen_decision_derivatives(
     weight: str = "kernel",
     peel_softmax: bool = False,
     batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    model64: keras.Model | None = None,
 ) -> FiniteDifferences:
     """Float64 derivatives of the mean loss at each multi-index of the weight, with the suffix's decisions frozen.
 
@@ -126,9 +129,9 @@ def frozen_decision_derivatives(
     piece, and its second derivative at t = 0 is the Hessian entry. J u comes from one float64
     forward-mode product per entry (first derivatives only); the derivatives in t come from float64
     loss VALUES, Richardson-extrapolated over steps h and h/2 with h·max|J u| = ``FROZEN_STEP``.
-    Shares no engine code.
+    Shares no engine code. ``model64`` as for ``finite_difference_derivatives``.
     """
-    model64 = float64_clone(model)
+    model64 = model64 or float64_clone(model)
     target = resolve_target(model64, layer, weight)
     loss_fn = get_loss(loss, from_logits or peel_softmax)
     positions = [target.weight.flat_position(index) for index in indices]

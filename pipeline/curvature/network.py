@@ -61,7 +61,8 @@ class NetworkCurvature:
         for x, y in batches:
             sums, loss = self.shared.batch_sums(x, y)
             check_loss_value(loss, len(x))
-            for name, (gradient, diagonal) in sums.items():
+            for name in list(sums):  # each batch's float32 values dropped as they are added up
+                gradient, diagonal = sums.pop(name)
                 totals[name] = [float64_sum([totals[name][0], gradient]), float64_sum([totals[name][1], diagonal])]
         found = {}
         for name, (gradient, diagonal) in totals.items():

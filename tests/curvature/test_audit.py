@@ -71,8 +71,8 @@ def test_audit_finds_the_known_autodiff_errors_and_each_rule_fixes_them():
     assert "MaxPoolWithArgmax" in overlapping["with_rule"]["xla"]["detail"]
 
 
-def test_audit_function_against_an_analytic_hessian():
-    # f(x) = sum(sin(x) * x0): its Hessian is known; the audit's value differences must accept autodiff here
+def test_audit_accepts_true_second_derivatives_and_rejects_a_dropped_term():
+    # f(x) = sum(sin(x) * x0): autodiff is right here, and the audit's value differences must accept it
     result = audit_function(lambda xs: tf.sin(xs[0]) * xs[0][:, :1], [(4,)], "sin")
     assert result.passed and result.max_rel_error < 1e-6
     # and must reject a function whose autodiff drops a second-order term

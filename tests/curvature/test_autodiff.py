@@ -76,11 +76,11 @@ def test_hessian_diagonal_matches_full_jacobian_of_gradient(shape):
     np.testing.assert_allclose(diag, from_values, rtol=1e-6, atol=1e-8)
 
 
-def test_hessian_diagonal_of_conv_kernel_in_bounded_memory():
+def test_hessian_diagonal_of_conv_kernel_in_chunks_equals_one_hot_hvps_and_value_differences():
     kernel = tf.random.stateless_normal((3, 3, 32, 32), seed=[0, 1])
     image = tf.random.stateless_normal((1, 4, 4, 32), seed=[0, 2])
     f = lambda w: tf.reduce_sum(tf.tanh(tf.nn.conv2d(image, w, 1, "SAME")) ** 2)  # noqa: E731
-    diag = hessian_diagonal(f, kernel, chunk_size=1024)  # 9 chunks: memory bounded by the chunk, not the kernel
+    diag = hessian_diagonal(f, kernel, chunk_size=1024)  # 9 chunks of 1024 entries
     assert diag.shape == kernel.shape
     # spot-check entries against one-hot HVPs taken one at a time, independently of the chunking
     for index in [(0, 0, 0, 0), (1, 2, 17, 30), (2, 1, 31, 31)]:

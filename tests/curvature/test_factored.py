@@ -12,7 +12,7 @@ from pipeline.curvature.network import NetworkCurvature
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.target import resolve_targets
 from pipeline.losses import get_loss
-from tests.curvature.cases import CASES
+from tests.curvature.cases import CASES, assert_close, reference
 
 
 def _columns_with_shared_support(rng, classes, examples, positions, channels):
@@ -137,3 +137,25 @@ def test_streamed_gradient_and_loss_equal_autodiff():
     expected, expected_loss = curvature.problem.batch_gradient(tf.constant(x), tf.constant(y), channels)
     np.testing.assert_allclose(gradient, expected.numpy(), rtol=1e-5, atol=1e-6 * np.abs(expected.numpy()).max())
     assert loss == pytest.approx(float(expected_loss), rel=1e-6)
+
+
+@pytest.mark.parametrize("column_chunk", [1, 3, 69, 70], ids=["chunk_1", "chunk_3", "chunk_factor_width", "chunk_with_gradient"])
+@pytest.mark.parametrize("room", ["tight", "roomy"])
+def test_chunked_examples_channels_and_columns_match_loss_values(column_chunk, room):
+    """A budget that fits one example and no Gram matrix (tight: channel by channel) or Gram matrices (roomy), and
+    column chunks of 1, 3, the factor's width (the gradient column then fills a chunk of its own) and width + 1,
+    against the float64 frozen-decision reference at 1e-5 of the largest entry."""
+    case = next(case for case in CASES if case.name == "cnn_70_classes")
+    model = case.model()
+    loss = get_loss(case.loss, case.from_logits)
+    targets = [t for t in resolve_targets(model, "all") if t.layer.name == case.layer and t.weight.name == case.weight]
+    probe = NetworkCurvature(model, targets, loss, column_chunk=column_chunk).shared
+    assert probe.factor_width == 69 and probe.sparse
+    budget = probe.bytes_per_example() + (1 << 10 if room == "tight" else 1 << 24)
+    network = NetworkCurvature(model, targets, loss, column_chunk=column_chunk, memory_budget=budget)
+    assert (network.shared.example_chunk() == 1) == (room == "tight")
+    x, y = case.data(6, 0)
+    sums = network.shared_sums([(x, y)])[targets[0].name]
+    expected = reference(case)
+    assert_close(sums.gradient / len(x), expected.gradient, 1e-5, "gradient", expected.smooth)
+    assert_close(sums.hessian_diagonal / len(x), expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)

@@ -1,0 +1,149 @@
+"""Run hessdiag on the keras.applications families that build offline: early, middle and late targets of each kind.
+
+For each architecture (``weights=None``, 1000 classes, the smallest input it accepts, seeded), the
+targets are the first, middle and last layer of each target kind it contains (Conv2D, grouped
+Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization: their
+kernels, or ``gamma`` for the normalizations). Each architecture is one ``hessdiag run`` (local
+executor, 2 synthetic examples, ``engine: auto``, validation with at least 2 samples per tensor)
+of a saved ``.keras`` file; the script prints a Markdown table: architecture | target | kind |
+engine | column method | seconds per example | validation.
+
+    .venv/bin/python scripts/survey_applications.py [--only ResNet50 --only MobileNetV2] [--out survey/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+FAMILIES = {  # name -> smallest square input accepted with include_top=True
+    "VGG16": 32, "ResNet50": 32, "ResNet50V2": 32, "MobileNet": 32, "MobileNetV2": 32, "MobileNetV3Small": 32,
+    "MobileNetV3Large": 32, "DenseNet121": 32, "InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71,
+    "EfficientNetB0": 32, "EfficientNetV2B0": 32, "ConvNeXtTiny": 32, "NASNetMobile": 32,
+}
+
+
+def kind_of(layer) -> str | None:
+    import keras
+
+    L = keras.layers
+    if isinstance(layer, L.SeparableConv2D):
+        return "SeparableConv2D"
+    if isinstance(layer, L.DepthwiseConv2D):
+        return "DepthwiseConv2D"
+    if isinstance(layer, L.Conv2D):
+        return "Conv2D (grouped)" if layer.groups > 1 else "Conv2D"
+    if isinstance(layer, L.Dense):
+        return "Dense"
+    if isinstance(layer, L.BatchNormalization) and layer.scale:
+        return "BatchNormalization"
+    if isinstance(layer, L.LayerNormalization):
+        return "LayerNormalization"
+    return None
+
+
+WEIGHT = {"SeparableConv2D": "depthwise_kernel", "BatchNormalization": "gamma", "LayerNormalization": "gamma"}
+
+
+def targets_of(model) -> list[tuple[str, str, str]]:
+    """(layer path, weight, kind): first, middle and last of each kind, in model order."""
+    from pipeline.curvature.target import layer_paths
+
+    by_kind: dict[str, list[str]] = {}
+    for path, layer in layer_paths(model):
+        kind = kind_of(layer)
+        if kind:
+            by_kind.setdefault(kind, []).append(path)
+    chosen = []
+    for kind, paths in by_kind.items():
+        picks = sorted({0, len(paths) // 2, len(paths) - 1})
+        chosen += [(paths[i], WEIGHT.get(kind, "kernel"), kind) for i in picks]
+    order = {path: i for i, (path, _) in enumerate(layer_paths(model))}
+    return sorted(chosen, key=lambda t: order[t[0]])
+
+
+def survey(name: str, size: int, root: str) -> list[dict]:
+    import keras
+
+    from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=1000)
+    path = os.path.join(root, f"{name}.keras")
+    model.save(path)
+    chosen = targets_of(model)
+    config = {
+        "output": os.path.join(root, f"{name}.zarr"),
+        "model": {"source": "keras_file", "path": path},
+        "targets": [{"layer": layer, "weight": weight} for layer, weight, _ in chosen],
+        "data": {"source": "synthetic", "num_examples": 2, "batch_size": 2, "seed": 0},
+        "loss": {"name": "sparse_categorical_crossentropy"},
+        "compute": {"engine": "auto", "example_block": 2, "shard_size": 64, "column_chunk": 50, "memory_gb": 6},
+        "cluster": {"executor": "local"},
+        "validation": {"samples": 2 * len(chosen)},
+    }
+    config_path = os.path.join(root, f"{name}.yaml")
+    with open(config_path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", config_path, "--overwrite"], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    rows = []
+    if done.returncode not in (0, 3):
+        error = (done.stderr.strip().splitlines() or [""])[-1]
+        return [{"architecture": name, "target": f"{layer}/{weight}", "kind": kind, "engine": "—", "column_method": "—",
+                 "seconds_per_example": None, "validation": f"exit {done.returncode}: {error[:160]}"} for layer, weight, kind in chosen]
+    import pipeline
+
+    result = pipeline.load_result(config["output"])
+    records = result.attrs.get("calibration") or {}
+    units = {}
+    from pipeline.store import ResultStore
+
+    for record in ResultStore.open(config["output"], mode="r").unit_records().values():
+        units[record["chain"]] = units.get(record["chain"], 0.0) + record["seconds"]
+    for (layer, weight, kind), (tensor_name, tensor) in zip(chosen, result.items()):
+        check = tensor.attrs.get("validation", {})
+        engine = tensor.attrs["engine"]
+        index = result.attrs["targets"].index(tensor_name)
+        seconds = units.get("s") if engine == "factored" else sum(v for k, v in units.items() if k.startswith(f"t{index:04d}-"))
+        rows.append({"architecture": name, "target": tensor_name, "kind": kind, "engine": engine,
+                     "column_method": result.attrs.get("column_method") if engine == "factored" else "—",
+                     "seconds_per_example": None if seconds is None else seconds / 2,
+                     "validation": f"{'passed' if check.get('passed') else 'FAILED'}, {check.get('samples')} samples,"
+                                   f" {check.get('reference')}, max rel. error {check.get('max_rel_error', 0):.1e}",
+                     "wall_seconds": wall, "calibration": records})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="architectures to survey (default: all)")
+    parser.add_argument("--out", default="survey")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name in args.only or list(FAMILIES):
+        found = survey(name, FAMILIES[name], args.out)
+        rows += found
+        with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
+            json.dump(found, handle, indent=1)
+        print(f"{name}: done in {found[0].get('wall_seconds', 0):.0f} s", file=sys.stderr, flush=True)
+    print("| architecture | target | kind | engine | column method | seconds per example | validation |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        seconds = "—" if row["seconds_per_example"] is None else f"{row['seconds_per_example']:.1f}"
+        shared = " (shared)" if row["engine"] == "factored" else ""
+        print(f"| {row['architecture']} | `{row['target']}` | {row['kind']} | {row['engine']} | {row['column_method']}"
+              f" | {seconds}{shared} | {row['validation']} |")
+
+
+if __name__ == "__main__":
+    main()
