@@ -127,8 +127,9 @@ class ValidationConfig(_Section):
     """Finite-difference check of sampled entries."""
 
     samples: int = Field(16, ge=0, description="sampled entries (at least one per shard when samples >= shards)")
-    rtol: float = Field(1e-3, gt=0, description="pass when |autodiff - fd| <= rtol * |fd| + atol")
-    atol: float = Field(1e-7, ge=0, description="absolute tolerance floor")
+    rtol: float = Field(1e-3, gt=0, description="pass when |stored - reference| <= rtol * |reference| + atol * (the tensor's largest"
+                                                 " sampled |reference|)")
+    atol: float = Field(1e-5, ge=0, description="tolerance floor, relative to the tensor's largest sampled reference entry")
     step: float = Field(1e-5, gt=0, description="central-difference step h")
     seed: int = Field(0, description="seed of the sampled indices")
 

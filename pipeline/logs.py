@@ -11,6 +11,8 @@ an unexpected error). What each quiet setting silences, measured with TensorFlow
   All log messages before absl::InitializeLog() is called are written to STDERR", then the oneDNN
   and CUDA-stub notices, once per library carrying its own copy of absl): ``import_tensorflow``
   loads TensorFlow with the process's stderr file descriptor pointed at /dev/null.
+- TensorFlow's Python warnings (``tf.function`` retracing notices during validation): its logger
+  is set to ERROR.
 - Ray: see ``executors.start_ray`` (actors' output stays in Ray's log files) and
   ``ray_auth.choose_local_token_mode`` (the token-authentication notice).
 """
@@ -68,4 +70,5 @@ def import_tensorflow() -> None:
         import tensorflow  # noqa: F401
         return
     with _stderr_descriptor_silenced():
-        import tensorflow  # noqa: F401
+        import tensorflow
+    tensorflow.get_logger().setLevel("ERROR")  # its Python warnings (tf.function retracing notices, say)
