@@ -92,7 +92,8 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
     try:
         with jobs_api_errors(address):
             client = jobs_client(address)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "hessdiag"})
+            job_id = submit_when_an_agent_is_ready(client, entrypoint=entrypoint, runtime_env=runtime_env,
+                                                   metadata={"tool": "hessdiag"})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print_(f"submitted job {job_id} to {address}: {entrypoint}")
@@ -104,6 +105,22 @@ def submit_job(config_path: str, address: str, overrides: list[str], follow: boo
             return follow_job(client, job_id, print_)
     except Interrupted as exc:  # the job is not stopped with the command that follows it
         raise Interrupted(exc.signum, f"interrupted; job {job_id} keeps running: hessdiag status {job_id} --address {address}") from None
+
+
+AGENT_WAIT_SECONDS = 60.0
+
+
+def submit_when_an_agent_is_ready(client, **job) -> str:
+    """``client.submit_job(**job)``, retried for up to AGENT_WAIT_SECONDS while the cluster answers that no job agent
+    is available yet ("please try again later": a cluster that has just started)."""
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
 
 
 def jobs_client(address: str):
