@@ -221,12 +221,10 @@ class ResultStore:
             checksum = self.group[kind][name].attrs.get("checksum")
             if checksum is None:
                 return False
-            digest = hashlib.sha256()
-            for _, values in self.iter_sums(kind, name):
-                digest.update(np.ascontiguousarray(values, dtype=np.float64).data)
+            found = checksum_of(values for _, values in self.iter_sums(kind, name))
         except Exception:  # noqa: BLE001 - missing, partly written or undecodable: not valid
             return False
-        return digest.hexdigest() == checksum
+        return found == checksum
 
     def sums_list(self, kind: str) -> list[str]:
         return sorted(self.group[kind].group_keys()) if kind in self.group else []

@@ -161,10 +161,13 @@ class FactoredPass:
                 found[target.name] = channel_patches(target.patches(u), target.group_ids(stage.z_channels))
         return found
 
+    def _activation_sizes(self) -> list[int]:
+        """Entries per example of each suffix step's output."""
+        return [math.prod(int(d) for d in step.node.outputs[0].shape[1:]) for step in self.suffix.steps if step.node is not None]
+
     def _bytes_per_column(self) -> int:
         """Memory one column of one example takes: at every step (the running cotangents) and at every target's z."""
-        largest = max((math.prod(int(d) for d in step.node.outputs[0].shape[1:])
-                       for step in self.suffix.steps if step.node is not None), default=1)
+        largest = max(self._activation_sizes(), default=1)
         captured = sum(stage.targets[0].positions * stage.width for stage in self.stages)
         return 4 * (3 * largest + captured)
 
@@ -172,8 +175,7 @@ class FactoredPass:
         """Memory one example needs: the forward pass's kept state (more with float64 decisions), a column chunk
         and the patches. Gram matrices and product calls share what the budget leaves (``SpareMemory``): a stage
         whose Gram matrices would not fit folds its columns by products instead, which need no more."""
-        activations = sum(math.prod(int(d) for d in step.node.outputs[0].shape[1:])
-                          for step in self.suffix.steps if step.node is not None)
+        activations = sum(self._activation_sizes())
         patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
         kept = (3 if self.decisions == "float64" else 2) * activations
         return 4 * (kept + patches) + self.column_chunk * self._bytes_per_column()
