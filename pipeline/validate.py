@@ -40,7 +40,7 @@ def _errors(actual: np.ndarray, reference: np.ndarray, config: ValidationConfig,
     absolute = np.abs(actual - reference)
     magnitudes = np.abs(reference[resolved]) if resolved.any() else np.abs(reference)
     floor = config.atol * float(magnitudes.max(initial=0.0))
-    relative = absolute / np.maximum(np.abs(reference), max(floor / config.rtol if config.rtol else floor, np.finfo(float).tiny))
+    relative = absolute / np.maximum(np.abs(reference), max(floor / config.rtol, np.finfo(float).tiny))  # rtol > 0
     return absolute, relative, absolute <= config.rtol * np.abs(reference) + floor
 
 
