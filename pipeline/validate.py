@@ -11,7 +11,9 @@ most), the rest random, round-robin over its shards. The reference:
 
 Unresolved entries never fail a correct result; a tensor with more than half of its samples
 unresolved fails, since it was not checked. A few factored tensors (the first, the last, one between)
-are also spot-checked with the exact engine.
+are also spot-checked with the exact engine, run on the float64 model: in float32 its own ReLU masks and
+max-pool routing can flip near a tie (the factored engine takes its decisions in float64), so a float32
+exact engine can be the one that is off.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.curvature.finite_diff import finite_difference_derivatives, frozen
 from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.second_order import rule_layers
+from pipeline.curvature.target import resolve_target
 from pipeline.job import Job
 from pipeline.plan import Plan, sample_counts, sample_indices
 from pipeline.store import ResultStore
@@ -109,11 +112,12 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
         summary["note"] = f"{choice.name} is a stochastic estimate: only the gradient decides 'passed'"
     if spot_check:
         spot = indices[:SPOT_CHECKS]
-        problem = Problem(target, job.loss, rule_layers(target))
+        checker = target if model64 is None else resolve_target(model64, target.path, target.weight.name)
+        problem = Problem(checker, job.loss, rule_layers(checker))
         exact = exact_entries(problem, job.iter_batches(), spot)
         found = diagonal[: len(spot)]
         summary["spot_check"] = {
-            "engine": "exact", "entries": len(spot),
+            "engine": "exact", "precision": str(checker.variable.dtype), "entries": len(spot),
             "max_rel_diff": float((np.abs(found - exact) / np.maximum(np.abs(exact), 1e-12)).max()),
             "passed": bool(np.all(np.abs(found - exact) <= 1e-4 * np.abs(exact) + config.atol * np.abs(exact).max())),
         }

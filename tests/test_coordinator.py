@@ -73,6 +73,7 @@ def test_end_to_end_equals_in_process_core_and_validates(reference):
         facts = store.tensor_attrs(name)
         assert facts["engine"] == "factored" and facts["validation"]["samples"] >= 2
         assert facts["validation"]["spot_check"]["passed"] is True
+        assert facts["validation"]["spot_check"]["precision"] == "float64"
         assert facts["trace"] == pytest.approx(float(np.sum(stored[name]["hessian_diagonal"])), rel=1e-12)
         np.testing.assert_allclose(stored[name]["channel_trace"].sum(), facts["trace"], rtol=1e-10)
 
