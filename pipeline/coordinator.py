@@ -20,7 +20,7 @@ from pipeline.job import Job
 from pipeline.plan import Plan, auto_example_block, unit_seconds
 from pipeline.progress import RunProgress
 from pipeline.reduction import chain_complete, clean_chain, fold_chain, unit_state
-from pipeline.stop_signals import install_stop_handlers, restore_handlers
+from pipeline.stop_signals import install_stop_handlers, raise_if_stopped, restore_handlers
 from pipeline.store import ResultStore, check_writable
 from pipeline.summary import tensor_summary
 from pipeline.validate import validate_store
@@ -83,6 +83,7 @@ def resolve_example_block(config: Config, job: Job, log: Callable[[str], None], 
         return int(config.compute.example_block), None
     log("example_block auto: timing one example of the shared pass and of each separate tensor")
     calibration = job.calibrate()
+    raise_if_stopped()  # a signal whose exception TensorFlow's code swallowed (stop_signals) stops the run here
     probe = job.plan(1)
     slowest = max(unit_seconds(probe, unit, calibration["seconds_per_example"]) for unit in probe.units)
     block = auto_example_block(slowest, config.compute.unit_seconds, config.data.batch_size, job.examples)

@@ -14,12 +14,18 @@ Two places must not see the exception raised in their middle:
   a timeout of a second);
 - the clean-up that an ``Interrupted`` sets off (closing actors, releasing the
   store's lock): only the first signal raises, later ones are recorded.
+
+Where the handler runs inside a finalizer or a callback from C code that cannot
+propagate exceptions (TensorFlow's, during tracing), Python would print the
+swallowed ``Interrupted`` with a traceback: the unraisable hook keeps quiet about
+it, the signal stays recorded, and the next ``raise_if_stopped`` raises it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -37,6 +43,12 @@ def _stop(signum, frame):
         raise Interrupted(signum)
 
 
+def _quiet_when_stopping(unraisable) -> None:
+    if isinstance(unraisable.exc_value, Interrupted):
+        return  # recorded in _received: raise_if_stopped raises it where it can propagate
+    sys.__unraisablehook__(unraisable)
+
+
 def install_stop_handlers() -> dict:
     """Install the handlers in the main thread; returns the handlers they replace.
 
@@ -45,13 +57,20 @@ def install_stop_handlers() -> dict:
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    saved = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    if sys.unraisablehook is not _quiet_when_stopping:
+        saved["unraisablehook"] = sys.unraisablehook
+        sys.unraisablehook = _quiet_when_stopping
+    return saved
 
 
 def restore_handlers(saved: dict) -> None:
     """Put back the handlers ``install_stop_handlers`` replaced and forget received signals."""
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+    for key, handler in saved.items():
+        if key == "unraisablehook":
+            sys.unraisablehook = handler
+        else:
+            signal.signal(key, handler)
     _received.clear()
 
 

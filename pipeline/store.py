@@ -120,6 +120,8 @@ class ResultStore:
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+") -> "ResultStore":
+        if not is_remote(url) and os.path.isfile(local_path(url)):
+            raise BadInputError(f"no hessdiag store at {url!r}: it is a file (a store is a directory or a URL)")
         try:
             group = cls._open(url, storage_options or {}, mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:

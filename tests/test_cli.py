@@ -143,3 +143,15 @@ def test_example_configs_are_valid():
     for name in sorted(names):
         load_config(name)
     assert yaml.safe_load(open("configs/default.yaml"))["targets"] == "all"
+
+
+@pytest.mark.parametrize("command", ["status", "validate", "report"])
+def test_a_path_that_is_no_store_exits_2_and_is_left_alone(tmp_path, capsys, command):
+    config = tmp_path / "c.yaml"  # a config given where the store goes
+    write_config(config, tiny_raw(tmp_path / "s.zarr"))
+    before = snapshot(tmp_path)
+    for path, message in [(config, "it is a file"), (tmp_path / "nothing.zarr", "no hessdiag store at")]:
+        code = call(command, str(path))
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before

@@ -100,6 +100,32 @@ def test_inside_deferred_a_stop_signal_is_raised_when_the_block_ends():
     raise_if_stopped()
 
 
+FINALIZER_SIGNALLED = """
+import os, signal, time
+from pipeline.errors import Interrupted
+from pipeline.stop_signals import install_stop_handlers, raise_if_stopped
+
+class SignalledOnCollection:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, inside the finalizer, where its exception cannot propagate
+
+install_stop_handlers()
+SignalledOnCollection()  # collected at once
+try:
+    raise_if_stopped()
+except Interrupted as stop:
+    print(stop.exit_code)
+"""
+
+
+def test_a_stop_signal_in_a_finalizer_is_not_printed_and_is_raised_later():
+    """As in TensorFlow's callbacks from C code, where Python prints a swallowed ``Interrupted`` with its traceback."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER_SIGNALLED], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "143", done.stdout + done.stderr
+    assert done.stderr == "", done.stderr
+
+
 def _sleep(seconds):
     time.sleep(seconds)
 
