@@ -4,7 +4,7 @@ For each architecture (``weights=None``, 1000 classes, the smallest input it acc
 targets are the first, middle and last layer of each target kind it contains (Conv2D, grouped
 Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization: their
 kernels, or ``gamma`` for the normalizations). Each architecture is one ``hessdiag run`` (local
-executor, 2 synthetic examples, ``engine: auto``, validation with at least 2 samples per tensor)
+executor, 2 synthetic examples by default, ``engine: auto``, validation with at least 2 samples per tensor)
 of a saved ``.keras`` file; the script prints a Markdown table: architecture | target | kind |
 engine | column method | seconds per example | validation.
 
@@ -68,7 +68,7 @@ def targets_of(model) -> list[tuple[str, str, str]]:
     return sorted(chosen, key=lambda t: order[t[0]])
 
 
-def survey(name: str, size: int, root: str) -> list[dict]:
+def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800) -> list[dict]:
     import keras
 
     from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
@@ -83,9 +83,9 @@ def survey(name: str, size: int, root: str) -> list[dict]:
         "output": os.path.join(root, f"{name}.zarr"),
         "model": {"source": "keras_file", "path": path},
         "targets": [{"layer": layer, "weight": weight} for layer, weight, _ in chosen],
-        "data": {"source": "synthetic", "num_examples": 2, "batch_size": 2, "seed": 0},
+        "data": {"source": "synthetic", "num_examples": examples, "batch_size": examples, "seed": 0},
         "loss": {"name": "sparse_categorical_crossentropy"},
-        "compute": {"engine": "auto", "example_block": 2, "shard_size": 64, "column_chunk": 50, "memory_gb": 6},
+        "compute": {"engine": "auto", "example_block": examples, "shard_size": 64, "column_chunk": 50, "memory_gb": 6},
         "cluster": {"executor": "local"},
         "validation": {"samples": 2 * len(chosen)},
     }
@@ -93,17 +93,20 @@ def survey(name: str, size: int, root: str) -> list[dict]:
     with open(config_path, "w") as handle:
         yaml.safe_dump(config, handle)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", config_path, "--overwrite"], capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", config_path, "--overwrite"], capture_output=True,
+                              text=True, timeout=timeout)
+        code, error = done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired:
+        code, error = None, f"not done after {timeout:.0f} s"
     wall = time.perf_counter() - started
     rows = []
-    if done.returncode not in (0, 3):
-        error = (done.stderr.strip().splitlines() or [""])[-1]
+    if code not in (0, 3):
         return [{"architecture": name, "target": f"{layer}/{weight}", "kind": kind, "engine": "—", "column_method": "—",
-                 "seconds_per_example": None, "validation": f"exit {done.returncode}: {error[:160]}"} for layer, weight, kind in chosen]
+                 "seconds_per_example": None, "validation": f"exit {code}: {error[:160]}", "wall_seconds": wall} for layer, weight, kind in chosen]
     import pipeline
 
     result = pipeline.load_result(config["output"])
-    records = result.attrs.get("calibration") or {}
     units = {}
     from pipeline.store import ResultStore
 
@@ -116,10 +119,10 @@ def survey(name: str, size: int, root: str) -> list[dict]:
         seconds = units.get("s") if engine == "factored" else sum(v for k, v in units.items() if k.startswith(f"t{index:04d}-"))
         rows.append({"architecture": name, "target": tensor_name, "kind": kind, "engine": engine,
                      "column_method": result.attrs.get("column_method") if engine == "factored" else "—",
-                     "seconds_per_example": None if seconds is None else seconds / 2,
+                     "seconds_per_example": None if seconds is None else seconds / examples,
                      "validation": f"{'passed' if check.get('passed') else 'FAILED'}, {check.get('samples')} samples,"
                                    f" {check.get('reference')}, max rel. error {check.get('max_rel_error', 0):.1e}",
-                     "wall_seconds": wall, "calibration": records})
+                     "wall_seconds": wall})
     return rows
 
 
@@ -127,11 +130,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", help="architectures to survey (default: all)")
     parser.add_argument("--out", default="survey")
+    parser.add_argument("--examples", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per architecture")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.only or list(FAMILIES):
-        found = survey(name, FAMILIES[name], args.out)
+        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout)
         rows += found
         with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
             json.dump(found, handle, indent=1)
