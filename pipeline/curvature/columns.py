@@ -124,6 +124,9 @@ def backward(suffix: Suffix, forward: Forward, column_ids: tf.Tensor | None, mag
 
     With ``magnitude`` each step goes through |Jᵀ|, so positive cotangents reach, without cancellation,
     every entry any column can reach; a stage reached through a step that cannot give |Jᵀ| maps to None.
+    Only where they are positive matters, and for non-negative maps that depends only on where their
+    input is: each step's result is cut back to ones there, or through fifty layers of ResNet50 the
+    magnitudes overflow to inf, and inf times a mask's zero is NaN, which reads as unreached.
     """
     if magnitude:
         v = tf.ones(tf.concat([[1, tf.shape(forward.factor)[0]], forward.output_shape], 0), forward.factor.dtype)
@@ -157,6 +160,8 @@ def backward(suffix: Suffix, forward: Forward, column_ids: tf.Tensor | None, mag
         for tensor, part in zip(step.inputs, parts):
             if tensor not in suffix.downstream:
                 continue
+            if magnitude:
+                part = tf.cast(part > 0, part.dtype)
             cotangents[tensor] = cotangents[tensor] + part if tensor in cotangents else part
             if lost:
                 unknown.add(tensor)

@@ -1,6 +1,7 @@
 """The factored engine: its product paths agree with plain sums of squares, its transpose rules give the autodiff
 columns at every target of one shared pass, and the shared pass equals each tensor computed alone."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +13,7 @@ from pipeline.curvature.network import NetworkCurvature
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.target import resolve_targets
 from pipeline.losses import get_loss
-from tests.curvature.cases import CASES, assert_close, reference
+from tests.curvature.cases import CASES, Case, assert_close, reference
 
 
 def _columns_with_shared_support(rng, classes, examples, positions, channels):
@@ -157,5 +158,35 @@ def test_chunked_examples_channels_and_columns_match_loss_values(column_chunk, r
     x, y = case.data(6, 0)
     sums = network.shared_sums([(x, y)])[targets[0].name]
     expected = reference(case)
+    assert_close(sums.gradient / len(x), expected.gradient, 1e-5, "gradient", expected.smooth)
+    assert_close(sums.hessian_diagonal / len(x), expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
+
+
+def _deep_relu_net(depth: int = 45, width: int = 256):
+    """A convolution, then He-initialized ReLU layers: the columns keep their size (signs cancel in Wᵀg), but ones
+    pushed back through |Jᵀ| grow about tenfold a layer and overflow float32, as through the fifty layers of ResNet50."""
+    L = keras.layers
+
+    def build():
+        inp = keras.Input((5, 2))
+        h = L.Flatten()(L.Conv1D(4, 2, activation="relu", name="target")(inp))
+        for _ in range(depth):
+            h = L.Dense(width, activation="relu", kernel_initializer="he_normal")(h)
+        return keras.Model(inp, L.Dense(70)(h))
+
+    return build
+
+
+def test_the_support_survives_magnitudes_that_overflow_float32():
+    """inf times a ReLU mask's zero is NaN, which read as unreached: the support check then refused the pass."""
+    case = Case("deep_relu_net", _deep_relu_net(), "target", "sparse_categorical_crossentropy", True, True, (5, 2), 70)
+    model = case.model()
+    targets = [t for t in resolve_targets(model, "all") if t.layer.name == "target"]
+    network = NetworkCurvature(model, targets, get_loss(case.loss, case.from_logits), memory_budget=1 << 26)
+    assert network.shared.sparse
+    x, y = case.data(6, 0)
+    sums = network.shared_sums([(x, y)])[targets[0].name]
+    expected = reference(case)
+    assert np.abs(expected.hessian_diagonal).max() > 0
     assert_close(sums.gradient / len(x), expected.gradient, 1e-5, "gradient", expected.smooth)
     assert_close(sums.hessian_diagonal / len(x), expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
