@@ -99,7 +99,13 @@ class UnitWorker:
             "pid": os.getpid(),
             **peak_memory_bytes(),
         }
-        stderr = None if unit.tensor is None else self.job.curvature.stderr(self.job.targets[unit.tensor].name)
+        if unit.tensor is None:
+            return record
+        name = self.job.targets[unit.tensor].name
+        compiler = self.job.curvature.hvp_compiler(name)  # what this worker ran, after any fallback from XLA
+        if compiler is not None:
+            record["hvp_compiler"] = compiler
+        stderr = self.job.curvature.stderr(name)
         if stderr is not None:
             record["max_stderr"] = float(stderr.max()) / self.job.examples
         return record

@@ -4,14 +4,30 @@ import keras
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.coordinator import run
 from pipeline.store import ResultStore
 from tests.conftest import tiny_raw, write_config
+from tests.stores import assert_same_results
 
 
 def call(*args):
     with pytest.raises(SystemExit) as info:
         main(list(args))
     return info.value.code
+
+
+def normalized_raw(root, **sections) -> dict:
+    defaults = dict(
+        model={"source": "keras_file", "path": str(root / "m.keras"), "builder": None},
+        target={"layer": "target"},
+        data={"source": "synthetic", "num_examples": 12, "batch_size": 6},
+        loss={"from_logits": True},
+        compute={"engine": "auto", "shard_size": 2},
+        cluster={"executor": "local"},
+        validation={"samples": 6, "rtol": 1e-4},
+    )
+    return tiny_raw(root / "s.zarr", **{**defaults, **sections})
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +41,7 @@ def normalized_run(tmp_path_factory):
     h = keras.layers.LayerNormalization(axis=(1, 2, 3))(h)
     h = keras.layers.Conv2D(3, 2, activation="softsign")(h)
     keras.Model(inp, keras.layers.Dense(5)(keras.layers.Flatten()(h))).save(root / "m.keras")
-    raw = tiny_raw(
-        root / "s.zarr",
-        model={"source": "keras_file", "path": str(root / "m.keras"), "builder": None},
-        target={"layer": "target"},
-        data={"source": "synthetic", "num_examples": 12, "batch_size": 6},
-        loss={"from_logits": True},
-        compute={"engine": "auto", "shard_size": 2},
-        cluster={"executor": "local"},
-        validation={"samples": 6, "rtol": 1e-4},
-    )
-    config = write_config(root / "c.yaml", raw)
+    config = write_config(root / "c.yaml", normalized_raw(root))
     return call("run", config), root / "s.zarr"
 
 
@@ -49,6 +55,19 @@ def test_run_through_normalization_layers_passes_validation(normalized_run):
     rules = " ".join(attrs["second_order_rules"])
     assert "group_normalization" in rules and "layer_normalization" in rules and "softsign" in rules
     assert attrs["hvp_compiler"] == "xla" and attrs["not_xla_verified"] == []
+
+
+def test_two_ray_actors_compile_by_xla_and_write_the_local_bits(normalized_run, ray_session, tmp_path):
+    """The exact engine over several channel groups and example blocks on 2 Ray actors, against the local run."""
+    _, local = normalized_run
+    raw = normalized_raw(local.parent, cluster={"num_workers": 2}, validation={"samples": 0})
+    raw["output"] = str(tmp_path / "ray.zarr")
+    raw["compute"]["example_block"] = 6
+    run(parse_config(raw), live=False)
+    records = ResultStore.open(str(tmp_path / "ray.zarr"), mode="r").unit_records()
+    assert len({name.split("-b")[0] for name in records}) >= 2 and len({r["pid"] for r in records.values()}) == 2
+    assert {r["hvp_compiler"] for r in records.values()} == {"xla"}  # what each worker ran, not only what was planned
+    assert_same_results(tmp_path / "ray.zarr", local)
 
 
 def test_validation_fails_a_chunk_scaled_by_one_percent(normalized_run, capsys):

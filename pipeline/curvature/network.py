@@ -77,6 +77,11 @@ class NetworkCurvature:
         """float64 sums over ``batches`` of tensor ``name`` (not shared) for its shard-axis ``channels``."""
         return self.separate[name].compute_sums(batches, channel_slice(self.targets[name], channels))
 
+    def hvp_compiler(self, name: str) -> str | None:
+        """How the engine of tensor ``name`` (not shared) ran its last products: ``xla`` or ``graph`` (None if neither)."""
+        separate = self.separate.get(name)
+        return None if separate is None else getattr(separate.engine, "compiler", None)
+
     def stderr(self, name: str) -> np.ndarray | None:
         """The standard error of a stochastic tensor's last computed sums, else None."""
         separate = self.separate.get(name)
