@@ -1,6 +1,7 @@
 """Run hessdiag on the keras.applications families that build offline: early, middle and late targets of each kind.
 
-For each architecture (``weights=None``, 1000 classes, the smallest input it accepts, seeded), the
+For each architecture (``weights=None``, 1000 classes, the smallest input it accepts, seeded, its
+BatchNormalization statistics set from 16 normal-random images as a trained network's would be), the
 targets are the first, middle and last layer of each target kind it contains (Conv2D, grouped
 Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization: their
 kernels, or ``gamma`` for the normalizations). Each architecture is one ``hessdiag run`` (local
@@ -21,6 +22,8 @@ import sys
 import time
 
 import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
 
 FAMILIES = {  # name -> smallest square input accepted with include_top=True
     "VGG16": 32, "ResNet50": 32, "ResNet50V2": 32, "MobileNet": 32, "MobileNetV2": 32, "MobileNetV3Small": 32,
@@ -68,6 +71,22 @@ def targets_of(model) -> list[tuple[str, str, str]]:
     return sorted(chosen, key=lambda t: order[t[0]])
 
 
+def set_batch_norm_statistics(model, size: int, images: int = 16) -> None:
+    """Each BatchNormalization's moving mean and variance from a batch of normal-random images, as a trained
+    network's would be. With Keras' initial statistics (mean 0, variance 1) the activations of a random MobileNet
+    shrink layer after layer, until its Hessian diagonal (about 1e-42 at 32x32) is below float32's range."""
+    import keras
+    import numpy as np
+
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0  # one training-mode call sets the statistics to the batch's
+    model(np.random.default_rng(1).normal(size=(images, size, size, 3)).astype("float32"), training=True)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+
+
 def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800) -> list[dict]:
     import keras
 
@@ -76,6 +95,7 @@ def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=1000)
+    set_batch_norm_statistics(model, size)
     path = os.path.join(root, f"{name}.keras")
     model.save(path)
     chosen = targets_of(model)

@@ -481,10 +481,6 @@ def _concatenate_applies(layer) -> str | None:
     return None if layer.axis % len(layer.output.shape) != 0 else "joined along the batch axis"
 
 
-def _global_pool_applies(layer) -> str | None:
-    return _channels_last(layer) or ("keepdims" if getattr(layer, "keepdims", False) else None)
-
-
 def _case(label, make, *shapes, call=None) -> AuditCase:
     return AuditCase(label, make, shapes, call) if call else AuditCase(label, make, shapes)
 
@@ -544,18 +540,18 @@ FACTS: dict[type, LayerFacts] = {
                                  _case("AveragePooling2D(3, strides 1, same)",
                                        lambda **k: _L.AveragePooling2D(3, strides=1, padding="same", **k), IMG)),
     _L.AveragePooling3D: _linear(_case("AveragePooling3D", lambda **k: _L.AveragePooling3D(2, **k), VOL)),
-    _L.GlobalMaxPooling1D: LayerFacts(_always, None, VJP_RULE, _global_pool_applies, audit=(
+    _L.GlobalMaxPooling1D: LayerFacts(_always, None, VJP_RULE, _channels_last, audit=(
         _case("GlobalMaxPooling1D", lambda **k: _L.GlobalMaxPooling1D(**k), SEQ),)),
-    _L.GlobalMaxPooling2D: LayerFacts(_always, None, VJP_RULE, _global_pool_applies, audit=(
+    _L.GlobalMaxPooling2D: LayerFacts(_always, None, VJP_RULE, _channels_last, audit=(
         _case("GlobalMaxPooling2D", lambda **k: _L.GlobalMaxPooling2D(**k), IMG),)),
-    _L.GlobalMaxPooling3D: LayerFacts(_always, None, VJP_RULE, _global_pool_applies, audit=(
+    _L.GlobalMaxPooling3D: LayerFacts(_always, None, VJP_RULE, _channels_last, audit=(
         _case("GlobalMaxPooling3D", lambda **k: _L.GlobalMaxPooling3D(**k), VOL),)),
     _L.GlobalAveragePooling1D: _linear(_case("GlobalAveragePooling1D", lambda **k: _L.GlobalAveragePooling1D(**k), SEQ),
-                                       applies=_global_pool_applies),
+                                       applies=_channels_last),
     _L.GlobalAveragePooling2D: _linear(_case("GlobalAveragePooling2D", lambda **k: _L.GlobalAveragePooling2D(**k), IMG),
-                                       applies=_global_pool_applies),
+                                       applies=_channels_last),
     _L.GlobalAveragePooling3D: _linear(_case("GlobalAveragePooling3D", lambda **k: _L.GlobalAveragePooling3D(**k), VOL),
-                                       applies=_global_pool_applies),
+                                       applies=_channels_last),
     _L.Flatten: _linear(_case("Flatten", lambda **k: _L.Flatten(**k), IMG)),
     _L.Reshape: _linear(_case("Reshape", lambda **k: _L.Reshape((25, 4), **k), IMG)),
     _L.Permute: _linear(_case("Permute", lambda **k: _L.Permute((2, 1), **k), SEQ)),

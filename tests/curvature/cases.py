@@ -153,7 +153,7 @@ def _rmsnorm():
 def _transpose_zoo():
     """A chain through every transpose rule: eval BatchNorm with moving statistics, strided valid conv,
     ReLU layer, same-padded average and stride-1 max pooling, Dropout, Dense on positions, Reshape,
-    global average pooling, an Activation layer and a softmax head."""
+    global average pooling keeping its dimensions (as in MobileNet), an Activation layer and a softmax head."""
     inp = keras.Input((8, 8, 2))
     h = L.Conv2D(4, 3, padding="same", activation="relu", name="target")(inp)
     norm = L.BatchNormalization()
@@ -161,7 +161,7 @@ def _transpose_zoo():
     h = L.Dropout(0.5)(L.AveragePooling2D(2, padding="same")(h))
     h = L.MaxPooling2D(2, strides=1, padding="same")(L.Conv2D(3, 2, padding="same", activation="relu")(h))
     h = L.Reshape((2, 2, 3))(L.Dense(3, activation="relu")(L.Reshape((4, 3))(h)))
-    h = L.Activation("relu")(L.Dense(6)(L.GlobalAveragePooling2D()(h)))
+    h = L.Activation("relu")(L.Dense(6)(L.Flatten()(L.GlobalAveragePooling2D(keepdims=True)(h))))
     model = keras.Model(inp, L.Dense(4, activation="softmax")(h))
     rng = np.random.default_rng(7)
     norm.moving_mean.assign(rng.normal(size=4))
@@ -230,7 +230,7 @@ def _conv3d():
 def _grouped():
     inp = keras.Input((5, 5, 4))
     h = L.Conv2D(4, 3, groups=2, padding="same", activation="relu", name="target")(inp)
-    return keras.Model(inp, _head(L.GlobalMaxPooling2D()(h), 4))
+    return keras.Model(inp, _head(L.Flatten()(L.GlobalMaxPooling2D(keepdims=True)(h)), 4))
 
 
 def _depthwise(one_d=False):
