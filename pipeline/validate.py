@@ -73,8 +73,8 @@ def spot_checked(job: Job, plan: Plan) -> set[int]:
 
 
 def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indices, config: ValidationConfig,
-                    spot_check: bool = False, model64: keras.Model | None = None) -> dict:
-    """One tensor's validation summary, with each sampled entry (``model64``: the model's float64 clone, if made)."""
+                    model64: keras.Model, spot_check: bool = False) -> dict:
+    """One tensor's validation summary, with each sampled entry (``model64``: the model's float64 clone)."""
     spec = plan.tensors[tensor]
     target = job.targets[tensor]
     c = job.config
@@ -112,7 +112,7 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
         summary["note"] = f"{choice.name} is a stochastic estimate: only the gradient decides 'passed'"
     if spot_check:
         spot = indices[:SPOT_CHECKS]
-        checker = target if model64 is None else resolve_target(model64, target.path, target.weight.name)
+        checker = resolve_target(model64, target.path, target.weight.name)
         problem = Problem(checker, job.loss, rule_layers(checker))
         exact = exact_entries(problem, job.iter_batches(), spot)
         found = diagonal[: len(spot)]
@@ -139,8 +139,8 @@ def validate_store(job: Job, store: ResultStore, plan: Plan, config: ValidationC
     model64 = float64_clone(job.model)  # one float64 copy for every tensor's reference
     for index, spec in enumerate(plan.tensors):
         indices = chosen_indices(store, plan, index, counts[index], config.seed)
-        per_tensor[spec.name] = validate_tensor(job, store, plan, index, indices, config, spot_check=index in checked,
-                                                model64=model64)
+        per_tensor[spec.name] = validate_tensor(job, store, plan, index, indices, config, model64,
+                                                spot_check=index in checked)
         store.update_tensor_attrs(spec.name, validation=per_tensor[spec.name])
     brief = {name: {k: v for k, v in result.items() if k != "entries"} for name, result in per_tensor.items()}
     summary = {

@@ -64,21 +64,20 @@ def test_two_ray_actors_compile_by_xla_and_write_the_local_bits(normalized_run, 
     """The exact engine over several channel groups and example blocks on 2 Ray actors, against the local executor
     in a fresh process (as a user runs it; this test process has run other models' engines before)."""
     _, first = normalized_run
-    stores = {}
-    for name, cluster in (("local", {"executor": "local"}), ("ray", {"num_workers": 2})):
+
+    def raw_for(name, cluster):
         raw = normalized_raw(first.parent, cluster=cluster, validation={"samples": 0})
         raw["output"] = str(tmp_path / f"{name}.zarr")
         raw["compute"]["example_block"] = 6
-        stores[name] = tmp_path / f"{name}.zarr"
-        if name == "local":
-            config = write_config(tmp_path / "local.yaml", raw)
-            assert subprocess.run([sys.executable, "-m", "pipeline", "run", config], capture_output=True).returncode == 0
-        else:
-            run(parse_config(raw), live=False)
-    records = ResultStore.open(str(stores["ray"]), mode="r").unit_records()
+        return raw
+
+    local = write_config(tmp_path / "local.yaml", raw_for("local", {"executor": "local"}))
+    assert subprocess.run([sys.executable, "-m", "pipeline", "run", local], capture_output=True).returncode == 0
+    run(parse_config(raw_for("ray", {"num_workers": 2})), live=False)
+    records = ResultStore.open(str(tmp_path / "ray.zarr"), mode="r").unit_records()
     assert len({name.split("-b")[0] for name in records}) >= 2 and len({r["pid"] for r in records.values()}) == 2
     assert {r["hvp_compiler"] for r in records.values()} == {"xla"}  # what each worker ran, not only what was planned
-    assert_same_results(stores["ray"], stores["local"])
+    assert_same_results(tmp_path / "ray.zarr", tmp_path / "local.zarr")
 
 
 def test_validation_fails_a_chunk_scaled_by_one_percent(normalized_run, capsys):
