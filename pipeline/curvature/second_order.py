@@ -12,6 +12,7 @@ also passes with the products compiled by XLA, the exact engine compiles them so
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import keras
@@ -57,10 +58,20 @@ def _float64_copy(operation, shapes):
     return call
 
 
+_AUDITED: "weakref.WeakKeyDictionary[object, AuditResult]" = weakref.WeakKeyDictionary()
+
+
 def audit_layer_instance(operation) -> AuditResult:
     """Audit a float64 copy of ``operation`` (a layer with its weights, or a ``keras.ops`` node), called as the
     model calls it, on a small input of the same shape class: its channels, every other axis at most
-    ``SMALL_SIDE``; at its own size only where it needs that and it is small."""
+    ``SMALL_SIDE``; at its own size only where it needs that and it is small. Each operation is audited once per
+    process: every target before it shares the result."""
+    if operation not in _AUDITED:
+        _AUDITED[operation] = _audit_instance(operation)
+    return _AUDITED[operation]
+
+
+def _audit_instance(operation) -> AuditResult:
     label = f"{operation.name} ({type(operation).__name__})"
     try:
         tensors = operation._inbound_nodes[0].arguments.keras_tensors
@@ -78,7 +89,7 @@ def audit_layer_instance(operation) -> AuditResult:
         except Exception as exc:  # noqa: BLE001 - a copy that cannot run in float64 at this size
             failures.append(f"{type(exc).__name__}: {exc}")
             continue
-        return audit_function(call, shapes, label)
+        return audit_function(call, shapes, f"{label} on inputs {', '.join(map(str, shapes))}")
     detail = "; ".join(failures) or "no input small enough to audit"
     return AuditResult(label, False, float("inf"), 0,
                        f"cannot be audited in float64 on an input of at most {AUDIT_MAX_ENTRIES} entries ({detail})"[:300])

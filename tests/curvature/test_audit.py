@@ -97,6 +97,15 @@ def test_custom_layer_passing_the_audit_is_accepted_and_recorded():
     assert any(entry.startswith("cubic (CubicGate)") for entry in curvature.second_order.audited)
 
 
+def test_custom_layer_is_audited_on_a_small_input_of_its_shape_class():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((384, 256, 3))
+    h = CubicGate(name="cubic")(keras.layers.Conv2D(4, 3, name="target")(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+    curvature = LayerCurvature(model, "target", loss="mse", engine="exact")
+    assert [entry.split(":")[0] for entry in curvature.second_order.audited] == ["cubic (CubicGate) on inputs (4, 4, 4)"]
+
+
 def test_keras_layer_that_fails_the_audit_is_refused():
     keras.utils.set_random_seed(0)
     inp = keras.Input((4, 4, 4, 2))
