@@ -234,7 +234,7 @@ def _run(config: Config, overwrite: bool, live: bool | None, log: Callable[[str]
         result = RunResult(config.output, engines, skipped=[u.name for u in state.done],
                            recomputed_corrupt=[s.name for s in corrupt])
         if state.todo:
-            executor = make_executor(config, say, run_id=token[:8])
+            executor = make_executor(config, say, run_id=token[:8], job=job)
             install_stop_handlers()
             try:
                 for identity in executor.identities:

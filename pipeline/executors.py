@@ -11,7 +11,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from pipeline.config import Config
 from pipeline.errors import HessdiagError
@@ -21,16 +21,20 @@ from pipeline.ray_auth import choose_local_token_mode, use_available_token
 from pipeline.stop_signals import deferred, raise_if_stopped
 from pipeline.worker import UnitWorker, worker_environment
 
+if TYPE_CHECKING:
+    from pipeline.job import Job
+
 HEARTBEAT_SECONDS = 10.0
 OnDone = Callable[[Unit, dict], None]
 OnRetry = Callable[[Unit, str, int], None]
 
 
 class LocalExecutor:
-    """Runs units one after another in this process."""
+    """Runs units one after another in this process, on the coordinator's job: its model, audits and traced
+    functions (the calibration's included) serve the units too."""
 
-    def __init__(self, config: Config, log: Callable[[str], None]):
-        self.worker = UnitWorker(config, threads=config.cluster.cpus_per_worker)
+    def __init__(self, config: Config, log: Callable[[str], None], job: Job | None = None):
+        self.worker = UnitWorker(config, threads=config.cluster.cpus_per_worker, job=job)
         self.identities = [self.worker.identity()]
         log("executor: local (this process)")
 
@@ -240,7 +244,8 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def make_executor(config: Config, log: Callable[[str], None], run_id: str | None = None):
+def make_executor(config: Config, log: Callable[[str], None], run_id: str | None = None, job: Job | None = None):
+    """The configured executor; a local one computes with ``job`` (the coordinator's) where given."""
     if config.cluster.executor == "local":
-        return LocalExecutor(config, log)
+        return LocalExecutor(config, log, job)
     return RayExecutor(config, log, run_id)

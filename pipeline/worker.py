@@ -12,11 +12,15 @@ import os
 import resource
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config, parse_config
 from pipeline.logs import DEBUG, TF_LOG_LEVEL, verbose
 from pipeline.plan import Unit
 from pipeline.store import ResultStore
+
+if TYPE_CHECKING:
+    from pipeline.job import Job
 
 
 def worker_environment() -> dict[str, str]:
@@ -69,12 +73,12 @@ def peak_memory_bytes() -> dict[str, int]:
 class UnitWorker:
     """Holds one model and a data source for its lifetime; computes units on request."""
 
-    def __init__(self, config: Config | dict, threads: int = 1):
+    def __init__(self, config: Config | dict, threads: int = 1, job: Job | None = None):
         self.gpus = configure_tensorflow(threads)
         from pipeline.job import Job
 
         self.config = config if isinstance(config, Config) else parse_config(config)
-        self.job = Job.load(self.config)
+        self.job = job if job is not None else Job.load(self.config)
         self.store = ResultStore.open(self.config.output, self.config.storage_options)
 
     def identity(self) -> dict:
