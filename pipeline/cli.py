@@ -67,31 +67,34 @@ def _dry_run(cfg) -> None:
     block, calibration = resolve_example_block(cfg, job, RunProgress.plain_log)
     calibration = calibration or job.calibrate()
     plan = job.plan(block)
-    per_example = calibration["seconds_per_example"]
+    per_example, tracing = calibration["seconds_per_example"], calibration.get("tracing_seconds", {})
     compute = sum(unit_seconds(plan, unit, per_example) for unit in plan.units)
     console.print(f"plan: {job.model.name}, {len(plan.tensors)} tensor(s), {plan.entries:,} entries; {len(plan.units)} units"
                   f" of at most {plan.example_block} examples ({plan.examples} examples, batches of {cfg.data.batch_size});"
                   f" stored in shards of {plan.shard_size} channels")
     tensors = Table(title="tensors")
-    for column in ("tensor", "shape", "entries", "engine", "why", "predicted compute s"):
+    for column in ("tensor", "shape", "entries", "engine", "why", "predicted compute s", "tracing s (per worker)"):
         tensors.add_column(column)
     for index, tensor in enumerate(plan.tensors):
         choice = job.curvature.choices[tensor.name]
         cost = "shared pass" if tensor.shared else f"{per_example[tensor.name] * plan.examples:,.1f}"
-        tensors.add_row(tensor.name, str(tensor.shape), f"{tensor.entries:,}", choice.name, choice.reason, cost)
+        traced = "shared pass" if tensor.shared else f"{tracing.get(tensor.name, float('nan')):,.1f}"
+        tensors.add_row(tensor.name, str(tensor.shape), f"{tensor.entries:,}", choice.name, choice.reason, cost, traced)
     console.print(tensors)
     if plan.shared:
         console.print(f"shared pass ({len(plan.shared)} tensors, {job.curvature.shared.column_method}):"
-                      f" {per_example['shared'] * plan.examples:,.1f} s predicted")
+                      f" {per_example['shared'] * plan.examples:,.1f} s predicted, {tracing.get('shared', float('nan')):,.1f} s"
+                      " of tracing per worker")
     console.print(f"partial sums {max(plan.unit_result_bytes(u) for u in plan.units) / 2**20:.2f} MiB per unit in flight at most;"
                   f" calibration timed on {calibration['examples_timed']} example; predicted compute: {compute:,.0f} s in all")
-    table = Table(title="predicted wall time (units only; validation not included)")
+    table = Table(title="predicted wall time (units and each worker's tracing; validation not included)")
     table.add_column("workers")
     table.add_column("wall seconds")
     table.add_column("speed-up")
     for workers in (1, 2, 4, 8, 16, 64):
-        wall = predicted_wall_seconds(plan, per_example, workers)
-        table.add_row(str(workers), f"{wall:,.0f}", f"{compute / wall:.2f}x" if wall else "-")
+        wall = predicted_wall_seconds(plan, per_example, workers, tracing)
+        alone = predicted_wall_seconds(plan, per_example, 1, tracing)
+        table.add_row(str(workers), f"{wall:,.0f}", f"{alone / wall:.2f}x" if wall else "-")
     console.print(table)
 
 

@@ -8,6 +8,7 @@ data stream block by block.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -96,14 +97,16 @@ class Job:
 
     def calibrate(self) -> dict:
         """Seconds per example of the shared pass and of each separate tensor over all its channels, timed on one
-        example after a warm-up."""
+        example after a warm-up; and each one's tracing seconds: what its calibration took beyond that, the cost
+        (tracing and compiling its functions) that every worker pays once before its first unit of that work."""
         x, y = self.read(0, 1)
-        seconds = {}
-        if self.curvature.shared is not None:
-            seconds["shared"] = self.curvature.shared.seconds_per_example(x, y)
-        for name, separate in self.curvature.separate.items():
-            seconds[name] = separate.seconds_per_example(x, y)
-        return {"seconds_per_example": seconds, "examples_timed": 1}
+        engines = {"shared": self.curvature.shared} if self.curvature.shared is not None else {}
+        seconds, tracing = {}, {}
+        for name, engine in {**engines, **self.curvature.separate}.items():
+            started = time.perf_counter()
+            seconds[name] = engine.seconds_per_example(x, y)
+            tracing[name] = max(0.0, time.perf_counter() - started - seconds[name])
+        return {"seconds_per_example": seconds, "tracing_seconds": tracing, "examples_timed": 1}
 
     @functools.cached_property
     def model_fingerprint(self) -> str:

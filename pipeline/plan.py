@@ -221,11 +221,19 @@ def unit_seconds(plan: Plan, unit: Unit, seconds_per_example: dict[str, float]) 
     return unit.examples * seconds_per_example[tensor.name] * share
 
 
-def predicted_wall_seconds(plan: Plan, seconds_per_example: dict[str, float], workers: int) -> float:
-    """Wall time of the units on ``workers`` equal workers taking units in order (list scheduling)."""
+def predicted_wall_seconds(plan: Plan, seconds_per_example: dict[str, float], workers: int,
+                           tracing_seconds: dict[str, float] | None = None) -> float:
+    """Wall time of the units on ``workers`` equal workers taking units in order (list scheduling). A worker pays a
+    tensor's (or the shared pass's, ``shared``) ``tracing_seconds`` once, before its first unit of that work."""
+    tracing = tracing_seconds or {}
     finish = [0.0] * workers
+    traced: list[set[str]] = [set() for _ in range(workers)]
     for unit in plan.units:
         slot = finish.index(min(finish))
+        work = "shared" if unit.tensor is None else plan.tensors[unit.tensor].name
+        if work not in traced[slot]:
+            traced[slot].add(work)
+            finish[slot] += tracing.get(work, 0.0)
         finish[slot] += unit_seconds(plan, unit, seconds_per_example)
     return max(finish)
 

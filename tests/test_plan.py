@@ -88,3 +88,6 @@ def test_predicted_wall_time_divides_the_units():
     assert predicted_wall_seconds(plan, seconds, 1) == 64 + 128
     assert predicted_wall_seconds(plan, seconds, 2) == 96
     assert predicted_wall_seconds(plan, seconds, 64) == 8  # never below one unit
+    tracing = {"shared": 5.0, "exact/kernel": 10.0}  # paid once per worker, before its first unit of that work
+    assert predicted_wall_seconds(plan, seconds, 1, tracing) == 64 + 128 + 5 + 10
+    assert predicted_wall_seconds(plan, seconds, 64, tracing) == 8 + 10  # each worker traces what it runs

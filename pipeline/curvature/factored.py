@@ -188,10 +188,10 @@ class FactoredPass:
         per_column = self._bytes_per_column()
         fits = (self.memory_budget - (needed - self.column_chunk * per_column)) // per_column
         hint = (f"compute.column_chunk {int(fits)} would fit" if fits >= 1 else
-                f"it needs compute.memory_gb of at least {needed / 2**30:.1f}")
-        raise BadInputError(f"the factored engine needs {needed / 2**30:.2f} GiB for one example of these {len(self.targets)}"
+                f"it needs compute.memory_gb of at least {needed / 2**30:.3g}")
+        raise BadInputError(f"the factored engine needs {needed / 2**30:.3g} GiB for one example of these {len(self.targets)}"
                             f" tensor(s) with compute.column_chunk {self.column_chunk}, more than compute.memory_gb"
-                            f" {self.memory_budget / 2**30:.2f}; {hint}")
+                            f" {self.memory_budget / 2**30:.3g}; {hint}")
 
     def example_chunk(self) -> int:
         """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
@@ -218,12 +218,15 @@ class FactoredPass:
         return chunks
 
     def seconds_per_example(self, x, y, timed_chunks: int = 2) -> float:
-        """Seconds one example costs, from examples ``x``: the forward pass and ``timed_chunks`` column chunks
-        timed after a warm-up chunk, the other chunks extrapolated (a whole pass can take minutes)."""
+        """Seconds one example costs, from examples ``x``: the forward pass and ``timed_chunks`` column chunks,
+        the other chunks extrapolated (a whole pass can take minutes); timed after a warm-up of the same steps,
+        which traces every function they call."""
         x, y = tf.constant(x[:1]), tf.constant(y[:1])
+        self._sampled_pass_seconds(x, y, timed_chunks)
+        return self._sampled_pass_seconds(x, y, timed_chunks)
+
+    def _sampled_pass_seconds(self, x, y, timed_chunks: int) -> float:
         chunks = self._column_chunks()
-        forward = self._forward(x, y)
-        self._backward(forward, chunks[0])  # trace
         started = time.perf_counter()
         forward = self._forward(x, y)
         patches = self._patches(forward)
