@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -69,6 +70,15 @@ def test_missing_layer_lists_layers(tmp_path, capsys):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_plan_over_the_memory_budget_is_refused(tmp_path, capsys, dry_run):
+    raw = tiny_raw(tmp_path / "s.zarr", compute={"engine": "factored", "memory_gb": 1e-4, "column_chunk": 16})
+    code, err = _bad(tmp_path, capsys, raw, *(["--dry-run"] if dry_run else []))
+    assert code == 2 and "GiB for one example" in err and "more than compute.memory_gb 0.0001;" in err
+    assert re.search(r"compute.column_chunk \d+ would fit", err)
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_missing_data_file(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "s.zarr", data={"source": "npz", "path": str(tmp_path / "nope.npz")})
     code, err = _bad(tmp_path, capsys, raw)
@@ -110,6 +120,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert "shards of 4 channels" in out and "18,432 entries" in out
     assert "1 tensor(s), 18,432 entries; 4 units of at most 64 examples (256 examples, batches of 64)" in out
     assert "block2_conv1/kernel" in out and "factored" in out and "shared pass" in out
+    assert re.search(r"shared pass \(1 tensors, rules\): [\d.]+ s predicted, [\d.]+ s of tracing per worker", out)
     rows = [line for line in out.splitlines() if line.startswith("│")]
     predicted = {int(r.split("│")[1]): float(r.split("│")[2].replace(",", "")) for r in rows if r.split("│")[1].strip().isdigit()}
     assert sorted(predicted) == [1, 2, 4, 8, 16, 64]
