@@ -6,8 +6,9 @@ most), the rest random, round-robin over its shards. The reference:
 * where the tensor's suffix is piecewise linear, float64 differences of the frozen-decision function
   (``frozen_decision_derivatives``): early layers of ReLU networks move thousands of
   pre-activations with one entry, and plain differences then straddle kinks;
-* elsewhere, float64 central differences of the loss and its gradient, steps h and h/2, where
-  entries whose two steps disagree sit at a kink and are reported as unresolved.
+* elsewhere, float64 central differences of the loss and its gradient, steps h and h/2; where the two
+  disagree a kink lies within h, and ever smaller steps are tried (``finite_difference_derivatives``);
+  entries whose smallest steps still disagree are reported as unresolved.
 
 Unresolved entries never fail a correct result; a tensor with more than half of its samples
 unresolved fails, since it was not checked. A few factored tensors (the first, the last, one between)

@@ -65,3 +65,21 @@ def test_exact_engine_matches_float64_finite_differences(name):
     got_grad = np.array([result.gradient[i] for i in indices])
     np.testing.assert_allclose(got_diag, fd.hessian_diagonal, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(got_grad, fd.gradient, rtol=1e-4, atol=1e-7)
+
+
+def test_finite_differences_step_past_a_kink_within_h():
+    """A ReLU input 3e-6 from its kink: steps h = 1e-5 and h/2 straddle it; a smaller step resolves the entry."""
+    import keras
+
+    inp = keras.Input((1,))
+    hidden = keras.layers.Dense(1, activation="relu", name="target")(inp)
+    model = keras.Model(inp, keras.layers.Dense(1, use_bias=False, name="out")(hidden))
+    model.get_layer("target").set_weights([np.array([[0.5]], "float32"), np.array([-0.499997], "float32")])
+    model.get_layer("out").set_weights([np.array([[3.0]], "float32")])
+    x, y = np.ones((1, 1), "float32"), np.full((1, 1), 2.0, "float32")
+    z = 0.5 + float(np.float32(-0.499997))
+    assert 0 < z < 5e-6  # within both steps of the kink
+    fd = finite_difference_derivatives(model, "target", x, y, [(0, 0)], loss="mse", step=1e-5)
+    assert fd.smooth[0]
+    np.testing.assert_allclose(fd.hessian_diagonal[0], 2 * 3.0**2, rtol=1e-6)  # d²/dw² (3 relu(w + b) - 2)² = 18
+    np.testing.assert_allclose(fd.gradient[0], 2 * (3.0 * z - 2.0) * 3.0, rtol=1e-6)
