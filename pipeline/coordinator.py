@@ -44,6 +44,11 @@ class RunResult:
     def passed(self) -> bool:
         return bool(self.validation.get("passed"))
 
+    @property
+    def failed(self) -> bool:
+        """Validation found a wrong entry; tensors it could not resolve are not failures."""
+        return bool(self.validation.get("failed"))
+
 
 def _config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(stored) | set(current))

@@ -153,6 +153,11 @@ def _fmt(value, spec=".3e"):
     return "—" if value is None else format(value, spec)
 
 
+def _outcome(check: dict) -> str:
+    """A tensor's validation outcome: passed, unresolved (most samples at kinks: not checked) or FAILED."""
+    return "passed" if check.get("passed") else ("unresolved" if check.get("unresolved") else "FAILED")
+
+
 def _markdown(attrs, status, rows, plots) -> str:
     config = attrs.get("config", {})
     runs = attrs.get("runs", [])
@@ -170,7 +175,8 @@ def _markdown(attrs, status, rows, plots) -> str:
         f"| loss | {attrs.get('loss_name')} = {_fmt(attrs.get('loss'), '.6f')} (mean over the data set) |",
         f"| engines | {', '.join(engines)} (requested `{attrs.get('engine_requested')}`) |",
         f"| compute time | {status['compute_seconds']:.1f} s summed over units; {len(runs)} run(s), wall {sum(r.get('seconds', 0) for r in runs):.1f} s |",
-        f"| validation | {validation.get('samples')} samples, max relative error {_fmt(validation.get('max_rel_error'))}, passed **{validation.get('passed')}** |",
+        f"| validation | {validation.get('samples')} samples, max relative error {_fmt(validation.get('max_rel_error'))}, passed **{validation.get('passed')}**"
+        + (f", unresolved: {', '.join(validation['unresolved'])}" if validation.get("unresolved") else "") + " |",
         "",
         "## Per tensor",
         "",
@@ -182,7 +188,7 @@ def _markdown(attrs, status, rows, plots) -> str:
         lines.append(
             f"| `{row['name']}` | {tuple(row['shape'])} | {row['engine']} | {row['entries']:,} | {row['trace']:.4e} "
             f"| {row['trace'] / row['entries']:.4e} | {row['negative_entries']:,} | {row['share']:.2%} "
-            f"| {check.get('samples', 0)} samples, {_fmt(check.get('max_rel_error'), '.1e')}, {'passed' if check.get('passed') else 'FAILED'} |"
+            f"| {check.get('samples', 0)} samples, {_fmt(check.get('max_rel_error'), '.1e')}, {_outcome(check)} |"
         )
     lines += ["", "Why each engine: " + "; ".join(f"`{row['name']}`: {row['engine_reason']}" for row in rows), "",
               "## Plots", ""]

@@ -10,8 +10,9 @@ most), the rest random, round-robin over its shards. The reference:
   disagree a kink lies within h, and ever smaller steps are tried (``finite_difference_derivatives``);
   entries whose smallest steps still disagree are reported as unresolved.
 
-Unresolved entries never fail a correct result; a tensor with more than half of its samples
-unresolved fails, since it was not checked. A few factored tensors (the first, the last, one between)
+Unresolved entries never fail a correct result, and never pass a wrong one: a tensor with more than
+half of its samples unresolved, and none failed, is reported ``unresolved`` (not passed, not
+failed), since it was not checked. A few factored tensors (the first, the last, one between)
 are also spot-checked with the exact engine, run on the float64 model: in float32 its own ReLU masks and
 max-pool routing can flip near a tie (the factored engine takes its decisions in float64), so a float32
 exact engine can be the one that is off.
@@ -102,11 +103,13 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
         for k, index in enumerate(indices)
     ]
     unresolved = int((~resolved).sum())
+    failed = not all(e["passed"] for e in entries)
     summary = {
         "samples": len(indices), "reference": method, "nonsmooth_samples": unresolved,
         "max_rel_error": max(_worst(g_rel, resolved), _worst(d_rel, resolved) if choice.exact else 0.0),
         "max_rel_error_gradient": _worst(g_rel, resolved), "max_rel_error_hessian_diagonal": _worst(d_rel, resolved),
-        "passed": all(e["passed"] for e in entries) and 2 * unresolved <= len(indices),
+        "passed": not failed and 2 * unresolved <= len(indices),
+        "unresolved": not failed and 2 * unresolved > len(indices),
         "entries": entries,
     }
     if not choice.exact:
@@ -122,7 +125,8 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
             "max_rel_diff": float((np.abs(found - exact) / np.maximum(np.abs(exact), 1e-12)).max()),
             "passed": bool(np.all(np.abs(found - exact) <= 1e-4 * np.abs(exact) + config.atol * np.abs(exact).max())),
         }
-        summary["passed"] = summary["passed"] and summary["spot_check"]["passed"]
+        if not summary["spot_check"]["passed"]:
+            summary["passed"] = summary["unresolved"] = False
     return summary
 
 
@@ -152,7 +156,8 @@ def validate_store(job: Job, store: ResultStore, plan: Plan, config: ValidationC
         "max_rel_error_hessian_diagonal": max(r["max_rel_error_hessian_diagonal"] for r in per_tensor.values()),
         "rtol": config.rtol, "atol": config.atol, "step": config.step,
         "passed": all(r["passed"] for r in per_tensor.values()),
-        "failed": [name for name, r in per_tensor.items() if not r["passed"]],
+        "failed": [name for name, r in per_tensor.items() if not r["passed"] and not r["unresolved"]],
+        "unresolved": [name for name, r in per_tensor.items() if r["unresolved"]],
         "tensors": brief,
     }
     store.update_attrs(validation=summary)

@@ -4,6 +4,7 @@ bad targets and a run that mixes the exact and factored engines."""
 import shutil
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -66,6 +67,29 @@ def test_run_exits_3_when_its_validation_finds_wrong_values(small_copy, capsys):
     out = capsys.readouterr().out
     assert "units computed: 0, skipped (already done): 2" in out and "NO" in out and "FAILED" in out
     assert ResultStore.open(str(path), mode="r").attrs["validation"]["passed"] is False
+
+
+def test_a_tensor_whose_samples_all_sit_at_a_kink_is_unresolved_not_failed(tmp_path, capsys):
+    """A ReLU input exactly at its kink, before a tanh (a smooth suffix: plain differences): every step of the target's
+    kernel straddles the kink, so its one entry cannot be resolved. The run says so and exits 0; the next layer's
+    kernel, which does not move that input, is resolved and passes."""
+    inp = keras.Input((1,))
+    hidden = keras.layers.Dense(1, activation="relu", name="target")(inp)
+    model = keras.Model(inp, keras.layers.Dense(1, activation="tanh", name="out")(hidden))
+    model.get_layer("target").set_weights([np.array([[0.5]], "float32"), np.array([-0.5], "float32")])  # z = 0 exactly
+    model.get_layer("out").set_weights([np.array([[3.0]], "float32"), np.array([0.1], "float32")])
+    model.save(tmp_path / "kink.keras")
+    np.savez(tmp_path / "d.npz", x=np.array([[1.0], [3.0]], "float32"), y=np.array([[0.5], [0.2]], "float32"))
+    raw = tiny_raw(tmp_path / "s.zarr", model={"source": "keras_file", "path": str(tmp_path / "kink.keras"), "builder": None},
+                   data={"source": "npz", "path": str(tmp_path / "d.npz"), "num_examples": None, "batch_size": 2},
+                   loss={"name": "mse"}, compute={"example_block": 2}, cluster={"executor": "local"},
+                   target=None, targets=[{"layer": "target"}, {"layer": "out"}], validation={"samples": 4})
+    assert call("run", write_config(tmp_path / "c.yaml", raw)) == 0
+    out = capsys.readouterr().out
+    assert "unresolved" in out and "1 tensor(s) unresolved" in out and "target/kernel" in out
+    validation = ResultStore.open(str(tmp_path / "s.zarr"), mode="r").attrs["validation"]
+    assert validation["unresolved"] == ["target/kernel"] and validation["failed"] == [] and validation["passed"] is False
+    assert validation["tensors"]["out/kernel"]["passed"] is True
 
 
 class FailsWhenEvaluated(keras.layers.Layer):
