@@ -5,7 +5,7 @@ BatchNormalization statistics set from 16 normal-random images as a trained netw
 targets are the first, middle and last layer of each target kind it contains (Conv2D, grouped
 Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization: their
 kernels, or ``gamma`` for the normalizations). Each architecture is one ``hessdiag run`` (local
-executor, 2 synthetic examples by default, ``engine: auto``, validation with at least 2 samples per tensor)
+executor or ``--workers`` Ray actors, 2 synthetic examples by default, ``engine: auto``, validation with at least 2 samples per tensor)
 of a saved ``.keras`` file; the script prints a Markdown table: architecture | target | kind |
 engine | column method | seconds per example | validation.
 
@@ -87,7 +87,7 @@ def set_batch_norm_statistics(model, size: int, images: int = 16) -> None:
         layer.momentum = momentum
 
 
-def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800) -> list[dict]:
+def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800, workers: int = 1) -> list[dict]:
     import keras
 
     from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
@@ -106,7 +106,7 @@ def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 
         "data": {"source": "synthetic", "num_examples": examples, "batch_size": examples, "seed": 0},
         "loss": {"name": "sparse_categorical_crossentropy"},
         "compute": {"engine": "auto", "example_block": examples, "shard_size": 64, "column_chunk": 50, "memory_gb": 6},
-        "cluster": {"executor": "local"},
+        "cluster": {"executor": "local"} if workers == 1 else {"executor": "ray", "num_workers": workers, "cpus_per_worker": 1},
         "validation": {"samples": 2 * len(chosen)},
     }
     config_path = os.path.join(root, f"{name}.yaml")
@@ -152,11 +152,13 @@ def main() -> None:
     parser.add_argument("--out", default="survey")
     parser.add_argument("--examples", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per architecture")
+    parser.add_argument("--workers", type=int, default=1, help="Ray actors (1: the local executor); each traces the exact"
+                        " engine's products of the tensors it runs")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.only or list(FAMILIES):
-        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout)
+        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers)
         rows += found
         with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
             json.dump(found, handle, indent=1)
