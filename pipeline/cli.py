@@ -36,6 +36,15 @@ def _storage_options(raw: Optional[str]) -> dict:
     return value
 
 
+OUTCOME_CELLS = {"passed": "[green]yes", "unresolved": "[yellow]unresolved", "FAILED": "[red]NO"}
+
+
+def _outcome_cell(check: dict) -> str:
+    from pipeline.results import validation_outcome
+
+    return OUTCOME_CELLS[validation_outcome(check)]
+
+
 def _validation_table(validation: dict) -> Table:
     """One row per tensor: samples (unresolved ones noted), worst relative errors, whether it passed."""
     table = Table(title="validation against float64 references from loss values")
@@ -49,7 +58,7 @@ def _validation_table(validation: dict) -> Table:
             f"{result.get('samples')}" + (f" ({kinks} unresolved)" if kinks else "") + (f" + {spot['entries']} exact" if spot else ""),
             f"{result.get('max_rel_error_gradient', float('nan')):.2e}",
             f"{result.get('max_rel_error_hessian_diagonal', float('nan')):.2e}",
-            "[green]yes" if result.get("passed") else ("[yellow]unresolved" if result.get("unresolved") else "[red]NO"),
+            _outcome_cell(result),
         )
     unresolved = validation.get("unresolved") or []
     outcome = "FAILED" if validation.get("failed") else ("passed" if validation.get("passed") else "")
@@ -96,9 +105,9 @@ def _dry_run(cfg) -> None:
     table.add_column("workers")
     table.add_column("wall seconds")
     table.add_column("speed-up")
+    alone = predicted_wall_seconds(plan, per_example, 1, tracing)
     for workers in (1, 2, 4, 8, 16, 64):
         wall = predicted_wall_seconds(plan, per_example, workers, tracing)
-        alone = predicted_wall_seconds(plan, per_example, 1, tracing)
         table.add_row(str(workers), f"{wall:,.0f}", f"{alone / wall:.2f}x" if wall else "-")
     console.print(table)
 
@@ -170,8 +179,7 @@ def status(
         checked = tensor["validation"]
         tensors.add_row(tensor["name"], str(tuple(tensor["shape"])), tensor["engine"] or "",
                         f"{tensor['shards_done']}/{tensor['shards_total']}", "" if tensor["trace"] is None else f"{tensor['trace']:.4e}",
-                        "" if not checked.get("samples") else
-                        ("yes" if checked.get("passed") else ("unresolved" if checked.get("unresolved") else "NO")))
+                        "" if not checked.get("samples") else _outcome_cell(checked))
     console.print(tensors)
     if info["missing"] or info["corrupt"]:
         console.print(f"missing shards: {info['missing']}  corrupt shards: {info['corrupt']}")

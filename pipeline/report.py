@@ -19,7 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.results import read_result  # noqa: E402
+from pipeline.results import read_result, validation_outcome  # noqa: E402
 from pipeline.status import store_status  # noqa: E402
 from pipeline.store import ResultStore  # noqa: E402
 
@@ -153,11 +153,6 @@ def _fmt(value, spec=".3e"):
     return "—" if value is None else format(value, spec)
 
 
-def _outcome(check: dict) -> str:
-    """A tensor's validation outcome: passed, unresolved (most samples at kinks: not checked) or FAILED."""
-    return "passed" if check.get("passed") else ("unresolved" if check.get("unresolved") else "FAILED")
-
-
 def _markdown(attrs, status, rows, plots) -> str:
     config = attrs.get("config", {})
     runs = attrs.get("runs", [])
@@ -188,7 +183,7 @@ def _markdown(attrs, status, rows, plots) -> str:
         lines.append(
             f"| `{row['name']}` | {tuple(row['shape'])} | {row['engine']} | {row['entries']:,} | {row['trace']:.4e} "
             f"| {row['trace'] / row['entries']:.4e} | {row['negative_entries']:,} | {row['share']:.2%} "
-            f"| {check.get('samples', 0)} samples, {_fmt(check.get('max_rel_error'), '.1e')}, {_outcome(check)} |"
+            f"| {check.get('samples', 0)} samples, {_fmt(check.get('max_rel_error'), '.1e')}, {validation_outcome(check)} |"
         )
     lines += ["", "Why each engine: " + "; ".join(f"`{row['name']}`: {row['engine_reason']}" for row in rows), "",
               "## Plots", ""]

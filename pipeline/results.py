@@ -45,6 +45,11 @@ class Result(Mapping):
         return len(self._tensors)
 
 
+def validation_outcome(check: dict) -> str:
+    """A tensor's validation outcome: ``passed``, ``unresolved`` (most samples at kinks: not checked) or ``FAILED``."""
+    return "passed" if check.get("passed") else ("unresolved" if check.get("unresolved") else "FAILED")
+
+
 def load_result(path: str, storage_options: dict | None = None) -> Result:
     """``load_result("results/default.zarr")["block2_conv1/kernel"].hessian_diagonal`` -> NumPy array shaped like W."""
     return read_result(ResultStore.open(path, storage_options, mode="r"))
