@@ -268,5 +268,11 @@ def expand(patches: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
 
 
 def column_gradients(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-    """(C, N, F, O') per-example weight gradients of columns (C, N, S, O')."""
-    return tf.einsum("nsf,cnso->cnfo" if patches.shape.rank == 3 else "nsof,cnso->cnfo", patches, columns)
+    """(C, N, F, O') per-example weight gradients of columns (C, N, S, O').
+
+    With shared patches, one matrix product per column and example, broadcast over the columns: einsum would
+    transpose the columns first, which costs more than the products themselves for small F (a bias, a first layer).
+    """
+    if patches.shape.rank == 3:
+        return tf.linalg.matmul(patches[None], columns, transpose_a=True)
+    return tf.einsum("nsof,cnso->cnfo", patches, columns)
