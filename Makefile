@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
+TEST_WORKERS ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 .PHONY: run test bootstrap bench clean
@@ -20,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/hessdiag run $(CONFIG)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_engines.py

@@ -127,7 +127,8 @@ class LocalCluster:
 
     def _start(self, *args: str, env: dict | None = None) -> int:
         process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+            [str(BIN / "ray"), "start", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}", *args],
             env=env or self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         output, _ = process.communicate(timeout=120)
