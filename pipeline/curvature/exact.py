@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
+from pipeline.curvature.patches import block_products, channel_patches, patch_column
 from pipeline.curvature.problem import Problem
-from pipeline.curvature.target import channel_patches
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def entry_curvatures(problem: Problem, x, y, f_ids: tf.Tensor, o_ids: tf.Tensor)
         return problem.loss_sum(x, y, delta)
 
     def one(ids):
-        column = tf.gather(tf.gather(patches, ids[1] // per_group, axis=2), ids[0], axis=2)  # (N, S)
+        column = patch_column(patches, ids[1] // per_group, ids[0])  # (N, S)
         u = tf.reshape(column[:, :, None] * tf.one_hot(ids[1], channels, dtype=z.dtype), tf.shape(z))
         hu = target.flat(hvp(loss_of, tf.zeros_like(z), u))
         return tf.reduce_sum(column * tf.gather(hu, ids[1], axis=2))
@@ -84,17 +84,9 @@ def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid,
         where = tf.stack([inner_ids, o_ids - start], axis=1)
         per_entry = tf.tensor_scatter_nd_add(tf.zeros((target.features, width), values.dtype), where, values)
         return tf.cast(per_entry, tf.float64)
-    rows = position_rows(problem, x, y, inner_ids, o_ids)  # (K, N, S): row s of B[n, o]
+    rows = position_rows(problem, x, y, inner_ids, o_ids) * valid[:, None, None]  # (K, N, S): row s of B[n, o]
     patches = channel_patches(target.patches(target.input_stage(x)), target.group_ids(slice(0, target.z_channels)))
-    if patches.shape.rank == 3:  # (N, S, F), shared by every channel
-        own = tf.gather(patches, inner_ids, axis=1)  # (N, K, F)
-        per_direction = tf.einsum("nkf,kns,nsf->kf", own, rows, patches)
-    else:  # (N, S, O, F): each direction's channel has its own patches
-        mine = tf.transpose(tf.gather(patches, o_ids, axis=2), (2, 0, 1, 3))  # (K, N, S, F)
-        own = tf.gather(mine, inner_ids[:, None], axis=2, batch_dims=1)[:, :, 0]  # (K, N, F)
-        per_direction = tf.einsum("knf,kns,knsf->kf", own, rows, mine)
-    per_direction = per_direction * valid[:, None]
-    return tf.cast(tf.transpose(tf.math.unsorted_segment_sum(per_direction, o_ids - start, width)), tf.float64)
+    return tf.cast(block_products(patches, inner_ids, o_ids, start, rows, width), tf.float64)
 
 
 def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor, tf.Tensor]:

@@ -33,8 +33,9 @@ import tensorflow as tf
 from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
 from pipeline.curvature.graph import suffix_of
 from pipeline.curvature.precision import as_float32, computing_in_float64
+from pipeline.curvature.patches import channel_patches, column_square_sums, contract, shared_by_channels
 from pipeline.curvature.problem import Problem, final_softmax
-from pipeline.curvature.target import Target, channel_patches, column_gradients, contract
+from pipeline.curvature.target import Target
 from pipeline.errors import BadInputError
 from pipeline.losses import Loss
 
@@ -44,7 +45,7 @@ SPARSE_MIN_CLASSES = 64
 
 def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
     """(F, O) float64 sum over examples and columns of the squared weight gradients of ``columns`` (C, N, S, O)."""
-    return tf.cast(tf.reduce_sum(tf.square(column_gradients(patches, columns)), axis=(0, 1)), tf.float64)
+    return tf.cast(column_square_sums(patches, columns), tf.float64)
 
 
 def gathered_patches(patches: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
@@ -182,7 +183,7 @@ class FactoredPass:
         and the patches. Gram matrices and product calls share what the budget leaves (``SpareMemory``): a stage
         whose Gram matrices would not fit folds its columns by products instead, which need no more."""
         activations = sum(self._activation_sizes())
-        patches = sum(t.positions * t.features * (1 if t.weight.groups == 1 else s.width) for s in self.stages for t in s.targets)
+        patches = sum(t.patch_floats(s.width) for s in self.stages for t in s.targets)
         kept = (3 if self.decisions == "float64" else 2) * activations
         return 4 * (kept + patches) + self.column_chunk * self._bytes_per_column()
 
@@ -206,7 +207,7 @@ class FactoredPass:
     def _channel_width(self, stage: StageTargets, examples: int, support: int, available: int) -> int:
         """Channels per product call whose weight gradients of a chunk (or gathered patches), and their squares, fit
         ``available`` bytes; at least one."""
-        features = max(t.features for t in stage.targets)
+        features = max(t.product_features for t in stage.targets)
         per_channel = 4 * examples * features * (2 * support if support else self.column_chunk)
         return max(1, min(stage.width, available // (2 * per_channel)))
 
@@ -316,7 +317,7 @@ class StageFold:
     def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int, spare: SpareMemory):
         self.owner, self.stage, self.patches = owner, stage, patches
         self.positions = None
-        if reach is not None:
+        if reach is not None and not any(t.weight.one_hot for t in stage.targets):  # Gram forms need dense patches
             active = tf.transpose(stage.targets[0].flat_columns(reach)[0][..., stage.z_channels] > 0, (0, 2, 1))
             positions = support_positions(active)
             support = int(positions.shape[-1])
@@ -357,7 +358,7 @@ def _in_dtype(x: tf.Tensor, dtype) -> tf.Tensor:
 
 def _channels(patches: tf.Tensor, start: int, stop: int) -> tf.Tensor:
     """Channel patches of z channels start:stop (shared patches serve every channel)."""
-    return patches if patches.shape.rank == 3 else patches[:, :, start:stop]
+    return patches if shared_by_channels(patches) else patches[:, :, start:stop]
 
 
 def _by_channels(products, channels: int, width: int, into: np.ndarray | None = None) -> np.ndarray:

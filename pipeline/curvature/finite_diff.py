@@ -27,6 +27,7 @@ import tensorflow as tf
 from pipeline.curvature.layer import batches_of
 from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import logits_output
+from pipeline.curvature.patches import patch_column
 from pipeline.curvature.target import resolve_target
 from pipeline.losses import get_loss
 
@@ -155,7 +156,7 @@ def frozen_decision_derivatives(
         z0 = target.pre_activation(u)
         patches = target.patches(u)
         for k, (f, o) in enumerate(positions):
-            column = patches[:, :, o // per_group, f]
+            column = patch_column(patches, o // per_group, f)
             direction = tf.reshape(column[:, :, None] * tf.one_hot(o, target.z_channels, dtype=tf.float64), tf.shape(z0))
             delta = tf.zeros_like(z0)
             with tf.autodiff.ForwardAccumulator(delta, direction) as accumulator:

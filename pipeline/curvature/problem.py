@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from pipeline.curvature.graph import output_operation
 from pipeline.curvature.layer_facts import second_order_rules
-from pipeline.curvature.target import Target, channel_patches, contract
+from pipeline.curvature.patches import channel_patches, contract
+from pipeline.curvature.target import Target
 from pipeline.losses import Loss
 
 

@@ -22,8 +22,8 @@ import tensorflow as tf
 from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.columns import factor_columns
 from pipeline.curvature.factored import dense_products
+from pipeline.curvature.patches import channel_patches, contract, expand
 from pipeline.curvature.problem import Problem
-from pipeline.curvature.target import channel_patches, contract, expand
 
 
 def mean_and_stderr(estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

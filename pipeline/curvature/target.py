@@ -69,6 +69,18 @@ class Target:
     def features(self) -> int:
         return self.weight.feature_count
 
+    def patch_floats(self, z_channels: int) -> int:
+        """Numbers one example's patches hold for ``z_channels`` z channels (one code per position when one-hot)."""
+        if self.weight.one_hot:
+            return self.positions
+        return self.positions * self.features * (1 if self.weight.groups == 1 else z_channels)
+
+    @property
+    def product_features(self) -> int:
+        """Rows per example and channel of the per-column weight gradients the factored products hold: F, or at
+        most one per position when the patches are one-hot."""
+        return self.positions if self.weight.one_hot else self.features
+
     @functools.cached_property
     def z_shape(self) -> tuple[int, ...]:
         """Per-example shape of the target stage's z (from one forward pass of the prefix on zeros)."""
@@ -247,32 +259,3 @@ def channel_slice(target: Target, channels: slice | None) -> slice:
             f"out_channels {channels} is not a non-empty contiguous range within [0, {total}) for {target.name!r}"
         )
     return slice(start, stop)
-
-
-def channel_patches(patches: tf.Tensor, groups: tf.Tensor) -> tf.Tensor:
-    """Patches (N, S, G, F) as the engines contract them: (N, S, F) when one group serves every channel, else
-    (N, S, O', F) with each of the O' z channels' own group (``groups``: the group of each)."""
-    if patches.shape[2] == 1:
-        return patches[:, :, 0]
-    return tf.gather(patches, groups, axis=2)
-
-
-def contract(patches: tf.Tensor, dz: tf.Tensor) -> tf.Tensor:
-    """(F, O') Σ_{n,s} P[n, s, (o,) f] dz[n, s, o]: the weight gradient of cotangents ``dz`` (N, S, O')."""
-    return tf.einsum("nsf,nso->fo" if patches.shape.rank == 3 else "nsof,nso->fo", patches, dz)
-
-
-def expand(patches: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
-    """(N, S, O') Σ_f P[n, s, (o,) f] values[f, o]: the z-direction of weight-space ``values`` (F, O')."""
-    return tf.einsum("nsf,fo->nso" if patches.shape.rank == 3 else "nsof,fo->nso", patches, values)
-
-
-def column_gradients(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-    """(C, N, F, O') per-example weight gradients of columns (C, N, S, O').
-
-    With shared patches, one matrix product per column and example, broadcast over the columns: einsum would
-    transpose the columns first, which costs more than the products themselves for small F (a bias, a first layer).
-    """
-    if patches.shape.rank == 3:
-        return tf.linalg.matmul(patches[None], columns, transpose_a=True)
-    return tf.einsum("nsof,cnso->cnfo", patches, columns)

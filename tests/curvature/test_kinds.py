@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature, layer_derivatives
+from pipeline.curvature.patches import as_dense
 from pipeline.curvature.target import layer_names, resolve_target
 from pipeline.errors import BadInputError
 from tests.curvature.cases import KIND_CASES, KIND_IDS, assert_close, reference
@@ -40,7 +41,7 @@ def test_patches_rebuild_the_stage_output(case):
     variable.assign(np.zeros_like(saved))
     offset = target.flat(target.pre_activation(u)).numpy().astype(np.float64)
     variable.assign(saved)
-    patches = target.patches(u).numpy().astype(np.float64)
+    patches = as_dense(target.patches(u)).numpy().astype(np.float64)
     weight = target.weight
     canonical = saved.astype(np.float64).transpose(weight.perm).reshape(weight.feature_count, -1)
     groups = target.group_ids(slice(0, target.z_channels)).numpy()

@@ -33,6 +33,7 @@ class TargetWeight:
 
     ``perm`` orders W's axes as (feature axes..., channel axes...), the channel axes in the
     order they flatten into z's channels; the first channel axis is the one shards split.
+    ``one_hot``: the patches are one-hot codes over the features (``patches.OneHotPatches``).
     """
 
     name: str
@@ -41,6 +42,7 @@ class TargetWeight:
     features: int
     groups: int
     dims: tuple[str, ...]
+    one_hot: bool = False
 
     @property
     def shard_axis(self) -> int:
@@ -145,7 +147,7 @@ class Stage:
         raise NotImplementedError
 
     def patches(self, weight_name: str, u: tf.Tensor) -> tf.Tensor:
-        """(N, S, G, F) patches of ``weight_name`` for stage input ``u``."""
+        """(N, S, G, F) patches of ``weight_name`` for stage input ``u`` (dense, or ``OneHotPatches``)."""
         raise NotImplementedError
 
     def input_adjoint(self, g: tf.Tensor, input_shape, magnitude: bool = False) -> tf.Tensor:
