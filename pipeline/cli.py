@@ -138,8 +138,19 @@ def run(
         f"skipped (already done): {len(result.skipped)}, retries: {result.retries}, {result.seconds:.1f} s"
     )
     console.print(_validation_table(result.validation))
+    _print_advice(result.validation, result.engines, cfg.compute.precision)
     if result.failed:
         raise typer.Exit(3)
+
+
+def _print_advice(validation: dict, engines: dict[str, str], precision: str) -> None:
+    """The validation's advice, if any, for tensors whose engine names are ``engines``."""
+    from pipeline.curvature.engines import ENGINES
+    from pipeline.validate import precision_advice
+
+    advice = precision_advice(validation, {name: ENGINES[engine] for name, engine in engines.items()}, precision)
+    if advice:
+        console.print(f"[yellow]hint[/yellow]: {advice}")
 
 
 @app.command()
@@ -217,6 +228,7 @@ def validate(
         raise typer.Exit(3)
     result = validate_store(job, opened, plan, job.config.validation, samples)
     console.print(_validation_table(result))
+    _print_advice(result, {name: choice.name for name, choice in job.curvature.choices.items()}, job.config.compute.precision)
     if result["failed"]:
         raise typer.Exit(3)
 

@@ -89,6 +89,10 @@ class ComputeConfig(_Section):
     engine: Literal["auto", "exact", "factored", "hutchinson", "monte_carlo"] = Field("auto", description="`auto` picks `factored` when exact for this model, else `exact`; `hutchinson` and `monte_carlo` are stochastic estimates")
     shard_size: int = Field(8, gt=0, description="output channels per shard (= Zarr chunk along the last axis)")
     chunk_size: int = Field(128, gt=0, description="exact engine: entries vectorized per call (memory bound)")
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="exact engine: the arithmetic of its Hessian-vector products and gradients; `float64` computes"
+        " every layer in float64 from the float32 weights (about 2x the time on CPUs), for models whose float32 forward pass"
+        " loses digits (validation then fails by more than rounding)")
     column_chunk: int = Field(16, gt=0, description="factored engine: loss-Hessian factor columns per call (memory bound)")
     memory_gb: float = Field(2.0, gt=0, description="factored engine: memory one worker's shared pass may use; examples and channels"
                              " are chunked to fit, and a plan where one example cannot fit is refused before any compute")
@@ -168,7 +172,13 @@ class Config(_Section):
         """sha256 of everything that changes the numbers (not where or how they run)."""
         relevant = self.model_dump(include={"model", "target", "targets", "data", "loss", "compute"},
                                    exclude={"data": {"storage_options"}})
+        for (section, key), default in ADDED_LATER.items():
+            if relevant[section].get(key) == default:
+                del relevant[section][key]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+ADDED_LATER = {("compute", "precision"): "float32"}  # at their defaults they leave older stores' fingerprints as they were
 
 
 def _section_fields(path: tuple) -> list[str]:

@@ -53,7 +53,7 @@ class Job:
         loss = get_loss(config.loss.name, config.loss.from_logits)
         targets = tuple(resolve_targets(model, config.target_specs()))
         curvature = NetworkCurvature(model, targets, loss, engine=c.engine, memory_budget=int(c.memory_gb * 2**30),
-                                     chunk_size=c.chunk_size,
+                                     chunk_size=c.chunk_size, precision=c.precision,
                                      column_chunk=c.column_chunk, probes=c.probes, samples=c.samples, seed=c.seed)
         classes = int(np.prod(model.outputs[0].shape[1:]))
         options = config.storage_options if config.data.storage_options is None else config.data.storage_options

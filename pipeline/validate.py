@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from pipeline.config import ValidationConfig
+from pipeline.curvature.engines import Engine
 from pipeline.curvature.exact import exact_entries
 from pipeline.curvature.finite_diff import finite_difference_derivatives, frozen_decision_derivatives
 from pipeline.curvature.precision import float64_clone
@@ -63,6 +64,16 @@ def chosen_indices(store: ResultStore, plan: Plan, tensor: int, count: int, seed
 
 def _worst(errors: np.ndarray, resolved: np.ndarray) -> float:
     return float(errors[resolved].max()) if resolved.any() else 0.0
+
+
+def precision_advice(validation: dict, engines: dict[str, Engine], precision: str) -> str | None:
+    """What to try when tensors whose engine takes ``compute.precision`` failed validation in float32: their float64
+    references may show the model's own float32 rounding (a forward pass that loses digits), which float64 removes."""
+    failed = [name for name in validation.get("failed", []) if name in engines and engines[name].takes_precision]
+    if not failed or precision != "float32":
+        return None
+    return (f"{', '.join(failed)} ran on the exact engine in float32; where the model's float32 forward pass loses digits,"
+            " `compute.precision: float64` computes them in float64 (a new run: --set compute.precision=float64 --overwrite)")
 
 
 def spot_checked(job: Job, plan: Plan) -> set[int]:

@@ -87,7 +87,8 @@ def set_batch_norm_statistics(model, size: int, images: int = 16) -> None:
         layer.momentum = momentum
 
 
-def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800, workers: int = 1) -> list[dict]:
+def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800, workers: int = 1,
+           precision: str = "float32") -> list[dict]:
     import keras
 
     from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
@@ -105,7 +106,8 @@ def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 
         "targets": [{"layer": layer, "weight": weight} for layer, weight, _ in chosen],
         "data": {"source": "synthetic", "num_examples": examples, "batch_size": examples, "seed": 0},
         "loss": {"name": "sparse_categorical_crossentropy"},
-        "compute": {"engine": "auto", "example_block": examples, "shard_size": 64, "column_chunk": 50, "memory_gb": 6},
+        "compute": {"engine": "auto", "example_block": examples, "shard_size": 64, "column_chunk": 50, "memory_gb": 6,
+                    "precision": precision},
         "cluster": {"executor": "local"} if workers == 1 else {"executor": "ray", "num_workers": workers, "cpus_per_worker": 1},
         "validation": {"samples": 2 * len(chosen)},
     }
@@ -154,11 +156,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per architecture")
     parser.add_argument("--workers", type=int, default=1, help="Ray actors (1: the local executor); each traces the exact"
                         " engine's products of the tensors it runs")
+    parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                        help="compute.precision: the exact engine's arithmetic")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.only or list(FAMILIES):
-        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers)
+        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers, args.precision)
         rows += found
         with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
             json.dump(found, handle, indent=1)

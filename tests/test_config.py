@@ -67,3 +67,10 @@ def test_fingerprint_ignores_where_and_how_but_not_what(tmp_path):
     changed = parse_config(tiny_raw(tmp_path / "a.zarr", data={"num_examples": 95}))
     assert base.fingerprint() == moved.fingerprint()
     assert base.fingerprint() != changed.fingerprint()
+
+
+def test_a_setting_added_later_leaves_older_stores_fingerprints_at_its_default(tmp_path):
+    """The tiny config's fingerprint as the version before ``compute.precision`` wrote it: such stores still resume."""
+    base = parse_config(tiny_raw(tmp_path / "a.zarr"))
+    assert base.fingerprint() == "a9d7de89829153ec36f41226ed76a4de619f9e1877bd8398f6034a836190bcde"
+    assert parse_config(tiny_raw(tmp_path / "a.zarr", compute={"precision": "float64"})).fingerprint() != base.fingerprint()

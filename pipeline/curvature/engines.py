@@ -4,7 +4,8 @@ Modelled on curvlinops' operator flags: whether the result is exact, whether its
 the channels computed (so work units split channel groups), whether it needs all examples in one
 block (its standard errors need each probe's whole-data estimate), whether it takes Hessian-vector
 products through the suffix (so the second-derivative audit must verify it), whether it is exact
-only for piecewise-linear suffixes, and whether one pass serves every tensor of a unit.
+only for piecewise-linear suffixes, whether one pass serves every tensor of a unit, and whether
+``compute.precision`` sets its arithmetic.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ class Engine:
     shares_pass: bool
     summary: str
     samples_option: str | None = None  # the config key (``compute.*``) counting a stochastic engine's samples
+    takes_precision: bool = False  # ``compute.precision`` sets its arithmetic
 
 
 ENGINES: dict[str, Engine] = {
     "exact": Engine("exact", exact=True, splits_channels=True, whole_data=False, needs_audit=True,
-                    needs_piecewise_linear=False, shares_pass=False,
+                    needs_piecewise_linear=False, shares_pass=False, takes_precision=True,
                     summary="one Hessian-vector product of the suffix per entry (or per output position)"),
     "factored": Engine("factored", exact=True, splits_channels=False, whole_data=False, needs_audit=False,
                        needs_piecewise_linear=True, shares_pass=True,
@@ -81,14 +83,14 @@ def choose_engine(requested: str, piecewise_linear: bool, suffix_reason: str) ->
 
 
 def build_engine(choice: EngineChoice, problem, peel_softmax: bool, *, jit_compile: bool, chunk_size: int = 128,
-                 column_chunk: int = 16, probes: int = 64, samples: int = 16, seed: int = 0):
+                 column_chunk: int = 16, probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32"):
     """The engine object for one tensor's ``problem`` (``pipeline.curvature.problem.Problem``)."""
     from pipeline.curvature.exact import ExactEngine
     from pipeline.curvature.factored import FactoredEngine
     from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
 
     builders = {
-        "exact": lambda: ExactEngine(problem, chunk_size, jit_compile=jit_compile),
+        "exact": lambda: ExactEngine(problem, chunk_size, jit_compile=jit_compile, precision=precision),
         "factored": lambda: FactoredEngine(problem, peel_softmax, column_chunk),
         "hutchinson": lambda: HutchinsonEngine(problem, probes=probes, seed=seed),
         "monte_carlo": lambda: MonteCarloFactorEngine(problem, peel_softmax, samples=samples, seed=seed),

@@ -15,6 +15,7 @@ fewer: Dense kernels (S = 1) need one HVP per output unit.
 Where every layer after the target passes the second-derivative audit compiled by XLA
 too, the chunks are compiled by XLA (about 2x faster on small suffixes, where the
 graph executor's per-op cost dominates); a compilation XLA refuses falls back to the graph.
+With ``precision="float64"`` every layer computes in float64 from its float32 weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.patches import block_products, channel_patches, patch_column
+from pipeline.curvature.precision import computing_in_float64
 from pipeline.curvature.problem import Problem
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,13 @@ def chunk_diagonal(problem: Problem, method: str, x, y, inner_ids, o_ids, valid,
     """
     target = problem.target
     if method == "entry":
-        values = entry_curvatures(problem, x, y, inner_ids, o_ids) * valid
+        values = entry_curvatures(problem, x, y, inner_ids, o_ids)
+        values = values * tf.cast(valid, values.dtype)
         where = tf.stack([inner_ids, o_ids - start], axis=1)
         per_entry = tf.tensor_scatter_nd_add(tf.zeros((target.features, width), values.dtype), where, values)
         return tf.cast(per_entry, tf.float64)
-    rows = position_rows(problem, x, y, inner_ids, o_ids) * valid[:, None, None]  # (K, N, S): row s of B[n, o]
+    rows = position_rows(problem, x, y, inner_ids, o_ids)  # (K, N, S): row s of B[n, o]
+    rows = rows * tf.cast(valid, rows.dtype)[:, None, None]
     patches = channel_patches(target.patches(target.input_stage(x)), target.group_ids(slice(0, target.z_channels)))
     return tf.cast(block_products(patches, inner_ids, o_ids, start, rows, width), tf.float64)
 
@@ -96,21 +100,23 @@ def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor
     do not share one traced graph (tracing vectorized HVPs costs seconds).
     """
     features = problem.target.features
-    return tf.cond(wanted, lambda: problem.batch_gradient(x, y, slice(start, start + width)),
-                   lambda: (tf.zeros((features, width)), tf.constant(0.0)))
+    return tf.cond(wanted, lambda: tuple(tf.cast(t, tf.float64) for t in problem.batch_gradient(x, y, slice(start, start + width))),
+                   lambda: (tf.zeros((features, width), tf.float64), tf.constant(0.0, tf.float64)))
 
 
 class ExactEngine:
     """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method.
 
     ``jit_compile``: compile the chunks by XLA (only where the suffix passes the audit that way).
+    ``precision``: ``float64`` computes every layer in float64 from its float32 weights.
     """
 
     name = "exact"
 
-    def __init__(self, problem: Problem, chunk_size: int = 128, jit_compile: bool = False):
+    def __init__(self, problem: Problem, chunk_size: int = 128, jit_compile: bool = False, precision: str = "float32"):
         self.problem = problem
         self.chunk_size = chunk_size
+        self.precision = precision
         target = problem.target
         self.features = target.features
         self.positions = target.positions
@@ -122,7 +128,14 @@ class ExactEngine:
             *gradient_if(with_gradient, problem, x, y, start, width)))
         self._compiled = {}
 
-    def _run_chunk(self, *arguments) -> tuple:
+    def _run_chunk(self, method, x, *arguments) -> tuple:
+        if self.precision != "float64":
+            return self._run_traced(method, x, *arguments)
+        x = tf.cast(x, tf.float64) if tf.as_dtype(x.dtype).is_floating else x
+        with computing_in_float64(self.problem.target.model):  # traced (and retraced) in float64
+            return self._run_traced(method, x, *arguments)
+
+    def _run_traced(self, *arguments) -> tuple:
         if self.compiler == "xla":
             traced = self._graph.get_concrete_function(*arguments)
             if traced not in self._compiled:

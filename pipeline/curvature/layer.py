@@ -70,7 +70,7 @@ class TensorCurvature:
     example blocks for the lifetime of a worker."""
 
     def __init__(self, target: Target, loss: Loss, *, engine: str = "exact", chunk_size: int = 128, column_chunk: int = 16,
-                 probes: int = 64, samples: int = 16, seed: int = 0):
+                 probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32"):
         self.target, self.loss = target, loss
         check = check_suffix(target, loss)
         self.suffix_check = check
@@ -80,7 +80,7 @@ class TensorCurvature:
         self.problem = Problem(target, loss, rule_layers(target))
         self.engine = build_engine(self.choice, self.problem, check.peel_softmax,
                                    jit_compile=bool(self.second_order and self.second_order.xla), chunk_size=chunk_size,
-                                   column_chunk=column_chunk, probes=probes, samples=samples, seed=seed)
+                                   column_chunk=column_chunk, probes=probes, samples=samples, seed=seed, precision=precision)
         problem = self.problem
         self._gradient = tf.function(lambda x, y, start, stop: problem.batch_gradient(x, y, slice(start, stop)))
         self.stderr: np.ndarray | None = None

@@ -1,0 +1,61 @@
+"""The exact engine's ``precision``: a model whose float32 forward pass loses digits (an offset of 1e4 added and taken
+away again) is off in float32, and right in float64, against float64 differences of loss values."""
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.curvature import layer_derivatives
+from tests.curvature.cases import Case, assert_close, value_reference
+
+
+def _cancelling():
+    L = keras.layers
+    inp = keras.Input((6,))
+    h = L.Dense(4, activation="tanh", name="target")(inp)
+    h = L.Dense(4, name="down")(L.Dense(4, name="up")(h))
+    return keras.Model(inp, L.Dense(3, name="out")(L.Dense(5, activation="tanh")(h)))
+
+
+class Cancelling(Case):
+    def model(self) -> keras.Model:
+        """An identity that float32 cannot hold: h + OFFSET, then - OFFSET (h kept to about 5e-4 only)."""
+        model = super().model()
+        for name, offset in (("up", OFFSET), ("down", -OFFSET)):
+            layer = model.get_layer(name)
+            layer.kernel.assign(np.eye(4, dtype="float32"))
+            layer.bias.assign(np.full(4, offset, "float32"))
+        return model
+
+
+OFFSET = 1e4
+CASE = Cancelling("cancelling", _cancelling, "target", "sparse_categorical_crossentropy", True, False, (6,), 3)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return value_reference(CASE, step=3e-3)  # a wider step: loss values carry the offset's rounding too
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_float64_precision_recovers_the_digits_float32_loses(precision, expected):
+    x, y = CASE.data()
+    found = layer_derivatives(CASE.model(), "target", x, y, loss=CASE.loss, from_logits=True, engine="exact",
+                              precision=precision, batch_size=6)
+    if precision == "float64":
+        assert_close(found.hessian_diagonal, expected.hessian_diagonal, 1e-5, "float64 diagonal", expected.smooth)
+        assert_close(found.gradient, expected.gradient, 1e-5, "float64 gradient", expected.smooth)
+    else:  # the float32 model's own arithmetic: off by far more than the reference's accuracy
+        scale = np.abs(expected.hessian_diagonal).max()
+        assert np.abs(found.hessian_diagonal - expected.hessian_diagonal).max() > 1e-4 * scale
+
+
+def test_validation_advises_float64_only_for_float32_tensors_of_an_engine_that_takes_it():
+    from pipeline.curvature.engines import ENGINES
+    from pipeline.validate import precision_advice
+
+    engines = {"a/kernel": ENGINES["exact"], "b/kernel": ENGINES["factored"]}
+    advice = precision_advice({"failed": ["a/kernel", "b/kernel"]}, engines, "float32")
+    assert advice.startswith("a/kernel ran on the exact engine in float32") and "b/kernel" not in advice
+    assert precision_advice({"failed": ["a/kernel"]}, engines, "float64") is None
+    assert precision_advice({"failed": ["b/kernel"]}, engines, "float32") is None
