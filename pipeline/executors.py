@@ -169,7 +169,7 @@ class RayExecutor:
     def execute(self, units: list[Unit], on_done: OnDone, on_retry: OnRetry, heartbeat: Callable[[], None]) -> None:
         """Run ``units``; a replacement actor gets work only once it is up, so a lost node stalls nothing."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
 
         queue = deque((unit, 0) for unit in units)
         tasks: dict = {}  # unit task -> (slot, unit, attempt)
@@ -217,13 +217,13 @@ class RayExecutor:
             try:
                 with deferred():
                     record = ray.get(ref)
-            except (RayActorError, RayTaskError, ray.exceptions.ObjectLostError) as exc:
+            except (RayActorError, OutOfMemoryError, RayTaskError, ray.exceptions.ObjectLostError) as exc:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 if attempt >= self.config.cluster.max_retries:
                     raise HessdiagError(f"unit {unit.name} failed {attempt + 1} times; last error: {reason}") from exc
                 on_retry(unit, reason, attempt + 1)
                 queue.appendleft((unit, attempt + 1))
-                if isinstance(exc, RayActorError):
+                if isinstance(exc, (RayActorError, OutOfMemoryError)):  # Ray's memory monitor killed the actor
                     replace(slot)
                 else:
                     idle.append(slot)

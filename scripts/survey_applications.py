@@ -88,7 +88,7 @@ def set_batch_norm_statistics(model, size: int, images: int = 16) -> None:
 
 
 def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800, workers: int = 1,
-           precision: str = "float32") -> list[dict]:
+           precision: str = "float32", chunk_size: int = 128) -> list[dict]:
     import keras
 
     from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
@@ -107,7 +107,7 @@ def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 
         "data": {"source": "synthetic", "num_examples": examples, "batch_size": examples, "seed": 0},
         "loss": {"name": "sparse_categorical_crossentropy"},
         "compute": {"engine": "auto", "example_block": examples, "shard_size": 64, "column_chunk": 50, "memory_gb": 6,
-                    "precision": precision},
+                    "precision": precision, "chunk_size": chunk_size},
         "cluster": {"executor": "local"} if workers == 1 else {"executor": "ray", "num_workers": workers, "cpus_per_worker": 1},
         "validation": {"samples": 2 * len(chosen)},
     }
@@ -158,11 +158,13 @@ def main() -> None:
                         " engine's products of the tensors it runs")
     parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
                         help="compute.precision: the exact engine's arithmetic")
+    parser.add_argument("--chunk-size", type=int, default=128,
+                        help="compute.chunk_size: Hessian-vector products vectorized per call (memory grows with it)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.only or list(FAMILIES):
-        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers, args.precision)
+        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers, args.precision, args.chunk_size)
         rows += found
         with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
             json.dump(found, handle, indent=1)
