@@ -197,20 +197,54 @@ def make_target(model: keras.Model, path: str, layer: keras.layers.Layer, weight
         present = [w.path.split("/")[-1] for w in layer.weights]
         raise BadInputError(f"layer {path!r} ({type(layer).__name__}) has no target weight {weight!r}; its target"
                             f" weights are {list(kind.weight_names)} (all its weights: {present})")
-    if len(getattr(layer, "_inbound_nodes", [])) > 1:
-        raise BadInputError(f"layer {path!r} is called {len(layer._inbound_nodes)} times in the model; a target"
-                            " must be called once (its weight would enter the loss at several places)")
     index = kind.stage_of(weight)
     return Target(model, path, layer, kind, index, kind.stages[index].weights[weight])
 
 
-def resolve_target(model: keras.Model, layer_path: str, weight: str = "kernel") -> Target:
-    """The target at ``layer_path`` (a layer name, or a nested path such as ``stem/stem_conv``)."""
-    paths = dict(layer_paths(model))
+def forward_calls(model: keras.Model, layers: Sequence[keras.layers.Layer]) -> list[int]:
+    """How many times one forward pass of ``model`` (on zeros) calls each of ``layers``.
+
+    Counted, not read from the layers' graph nodes: a model loaded from a ``.keras`` file builds its
+    nested ``Sequential`` models twice, which leaves their layers two nodes for one call.
+    """
+    counts = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        def counted(*args, _index=index, _call=layer.call, **kwargs):
+            counts[_index] += 1
+            return _call(*args, **kwargs)
+
+        layer.call = counted
+    try:
+        zeros = [tf.zeros((1, *spec.shape[1:]), spec.dtype) for spec in model.inputs]
+        model(zeros if len(zeros) > 1 else zeros[0], training=False)
+    finally:
+        for layer in layers:
+            del layer.call
+    return counts
+
+
+def refuse_shared(model: keras.Model, targets: Sequence[Target]) -> None:
+    """Raise BadInputError for a target whose layer the forward pass calls more than once (its weight would enter
+    the loss at several places)."""
+    layers = list({id(t.layer): t for t in targets}.values())
+    for target, calls in zip(layers, forward_calls(model, [t.layer for t in layers])):
+        if calls > 1:
+            raise BadInputError(f"layer {target.path!r} is called {calls} times in the model; a target must be called"
+                                " once (its weight would enter the loss at several places)")
+
+
+def _layer_at(paths: dict, layer_path: str) -> keras.layers.Layer:
     if layer_path not in paths:
         raise BadInputError(f"layer {layer_path!r} not found{_close_to(layer_path, list(paths))}; layers are: "
                             f"{', '.join(paths)}")
-    return make_target(model, layer_path, paths[layer_path], weight)
+    return paths[layer_path]
+
+
+def resolve_target(model: keras.Model, layer_path: str, weight: str = "kernel") -> Target:
+    """The target at ``layer_path`` (a layer name, or a nested path such as ``stem/stem_conv``)."""
+    target = make_target(model, layer_path, _layer_at(dict(layer_paths(model)), layer_path), weight)
+    refuse_shared(model, [target])
+    return target
 
 
 def resolve_targets(model: keras.Model, specs: Sequence[tuple[str, str]] | str) -> list[Target]:
@@ -225,11 +259,13 @@ def resolve_targets(model: keras.Model, specs: Sequence[tuple[str, str]] | str) 
     if specs == "all":
         if not targetable:
             raise BadInputError(f"model {model.name!r} has no layer whose weights can be targets")
-        return [make_target(model, path, layer, w) for path, layer in targetable for w in _targetable_weights(layer)]
+        found = [make_target(model, path, layer, w) for path, layer in targetable for w in _targetable_weights(layer)]
+        refuse_shared(model, found)
+        return found
     chosen: dict[str, Target] = {}
     for pattern, weight in specs:
         if not any(ch in pattern for ch in "*?["):
-            target = resolve_target(model, pattern, weight)
+            target = make_target(model, pattern, _layer_at(dict(paths), pattern), weight)
             chosen.setdefault(target.name, target)
             continue
         matched = [(path, layer) for path, layer in paths if fnmatch.fnmatchcase(path, pattern)]
@@ -244,7 +280,9 @@ def resolve_targets(model: keras.Model, specs: Sequence[tuple[str, str]] | str) 
             target = make_target(model, path, layer, weight)
             chosen.setdefault(target.name, target)
     order = {path: i for i, (path, _) in enumerate(paths)}
-    return sorted(chosen.values(), key=lambda t: (order[t.path], _targetable_weights(t.layer).index(t.weight.name)))
+    found = sorted(chosen.values(), key=lambda t: (order[t.path], _targetable_weights(t.layer).index(t.weight.name)))
+    refuse_shared(model, found)
+    return found
 
 
 def channel_slice(target: Target, channels: slice | None) -> slice:

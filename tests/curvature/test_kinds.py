@@ -79,3 +79,16 @@ def test_a_layer_called_twice_cannot_be_a_target():
     model = keras.Model(inp, shared(shared(inp)))
     with pytest.raises(BadInputError, match="called 2 times"):
         resolve_target(model, "shared")
+
+
+def test_a_nested_sequential_loaded_from_a_keras_file_is_targetable(tmp_path):
+    """Loading builds a nested Sequential twice, which leaves its layers two graph nodes for one call."""
+    import keras
+
+    L = keras.layers
+    stem = keras.Sequential([L.Conv2D(3, 2, name="stem_conv"), L.LayerNormalization(name="stem_ln")], name="stem")  # ConvNeXt's
+    inp = keras.Input((4, 4, 2))
+    keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(stem(inp)))).save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert len(loaded.get_layer("stem").layers[0]._inbound_nodes) == 2
+    assert resolve_target(loaded, "stem/stem_conv").name == "stem/stem_conv/kernel"
