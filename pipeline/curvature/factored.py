@@ -32,8 +32,8 @@ import tensorflow as tf
 
 from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
 from pipeline.curvature.graph import suffix_of
-from pipeline.curvature.precision import as_float32, computing_in_float64
 from pipeline.curvature.patches import channel_patches, column_square_sums, contract, shared_by_channels
+from pipeline.curvature.precision import as_float32, computing_in_float64
 from pipeline.curvature.problem import Problem, final_softmax
 from pipeline.curvature.target import Target
 from pipeline.errors import BadInputError

@@ -25,9 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.layer import batches_of
+from pipeline.curvature.patches import patch_column
 from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import logits_output
-from pipeline.curvature.patches import patch_column
 from pipeline.curvature.target import resolve_target
 from pipeline.losses import get_loss
 
