@@ -124,6 +124,7 @@ class ExactEngine:
         # XLA's float64 convolutions ran 40x slower than the graph's on CPU (EfficientNetB0 stem_conv, 17.3 against 0.42 s
         # per chunk of 32 HVPs, at 3.3x the memory), so float64 runs as a graph
         self.compiler = "xla" if jit_compile and precision != "float64" else "graph"
+        self.jit_allowed = jit_compile
         # Traced outside any XLA context, so it holds the very ops the audit verifies; XLA compiles that graph.
         self._graph = tf.function(lambda method, x, y, inner, o, valid, start, width, with_gradient: (
             chunk_diagonal(problem, method, x, y, inner, o, valid, start, width),
@@ -150,7 +151,13 @@ class ExactEngine:
                 log.warning("XLA cannot compile the exact engine's products here; running them as a graph: %s",
                             str(exc).splitlines()[0][:200])
                 self.compiler = "graph"
-        return self._graph(*arguments)
+        try:
+            return self._graph(*arguments)
+        except tf.errors.InvalidArgumentError as exc:  # TensorFlow's CPU kernels lack grouped-convolution gradients
+            if "grouped convolutions are not supported" not in str(exc) or not self.jit_allowed:
+                raise
+            self.compiler = "xla"
+            return self._run_traced(*arguments)
 
     streams_gradient = True  # the gradient comes from the first chunk's call
 

@@ -59,3 +59,21 @@ def test_validation_advises_float64_only_for_float32_tensors_of_an_engine_that_t
     assert advice.startswith("a/kernel ran on the exact engine in float32") and "b/kernel" not in advice
     assert precision_advice({"failed": ["a/kernel"]}, engines, "float64") is None
     assert precision_advice({"failed": ["b/kernel"]}, engines, "float32") is None
+
+
+def _grouped_suffix():
+    L = keras.layers
+    inp = keras.Input((5, 5, 2))
+    h = L.Conv2D(4, 3, padding="same", activation="tanh", name="target")(inp)
+    h = L.Conv2D(4, 3, groups=2, padding="same", activation="tanh")(h)  # its gradient has no TensorFlow CPU kernel
+    return keras.Model(inp, L.Dense(3)(L.Flatten()(h)))
+
+
+def test_float64_products_through_a_grouped_convolution():
+    case = Case("grouped_suffix", _grouped_suffix, "target", "sparse_categorical_crossentropy", True, False, (5, 5, 2), 3)
+    expected = value_reference(case)
+    x, y = case.data()
+    found = layer_derivatives(case.model(), "target", x, y, loss=case.loss, from_logits=True, engine="exact",
+                              precision="float64", batch_size=6)
+    assert_close(found.hessian_diagonal, expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
+    assert_close(found.gradient, expected.gradient, 1e-5, "gradient", expected.smooth)
