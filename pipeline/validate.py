@@ -7,7 +7,8 @@ most), the rest random, round-robin over its shards. The reference:
   (``frozen_decision_derivatives``): early layers of ReLU networks move thousands of
   pre-activations with one entry, and plain differences then straddle kinks;
 * elsewhere, float64 central differences of the loss and its gradient, steps h and h/2; where the two
-  disagree a kink lies within h, and ever smaller steps are tried (``finite_difference_derivatives``);
+  disagree by more than a quarter of the tolerance (a kink lies within h, or the derivatives vary
+  faster than h resolves), ever smaller steps are tried (``finite_difference_derivatives``);
   entries whose smallest steps still disagree are reported as unresolved.
 
 Unresolved entries never fail a correct result, and never pass a wrong one: a tensor with more than
@@ -99,7 +100,8 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
         reference = frozen_decision_derivatives(job.model, target.path, indices, peel_softmax=check.peel_softmax, **options)
         method = "frozen-decision differences"
     else:
-        reference = finite_difference_derivatives(job.model, target.path, None, None, indices, step=config.step, **options)
+        reference = finite_difference_derivatives(job.model, target.path, None, None, indices, step=config.step,
+                                                rtol=config.rtol, atol=config.atol, **options)
         method = "finite differences"
     gradient = store.values_at(spec.name, "gradient", indices)
     diagonal = store.values_at(spec.name, "hessian_diagonal", indices)

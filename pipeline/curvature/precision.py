@@ -12,8 +12,21 @@ import numpy as np
 import tensorflow as tf
 
 
+def _built_constants(layer) -> dict[str, tf.Tensor]:
+    """The float32 tensors ``layer`` made at build time that are not variables (``Normalization``'s mean and
+    variance): part of the function the model computes, as its variables are."""
+    return {key: value for key, value in vars(layer).items()
+            if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable) and value.dtype == tf.float32}
+
+
 def float64_clone(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` whose layers (nested models' included) compute in float64, with the same weights."""
+    """A copy of ``model`` whose layers (nested models' included) compute in float64, with the same weights.
+
+    Constants its layers built from their config (``Normalization(mean=[0.485, ...])``) are the model's own float32
+    values cast up, as in ``computing_in_float64``: rebuilt from the config in float64 they would differ in the
+    eighth digit, and a sensitive network (a random EfficientNetV2's gradients move 1e-3 for that) would then be
+    another function than the one the engines differentiate.
+    """
 
     def clone_layer(layer):
         config = layer.get_config()
@@ -23,7 +36,14 @@ def float64_clone(model: keras.Model) -> keras.Model:
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    for original, copied in zip(_all_layers(model), _all_layers(clone), strict=True):
+        for key, value in _built_constants(original).items():
+            setattr(copied, key, tf.cast(value, tf.float64))
     return clone
+
+
+def _all_layers(model: keras.Model) -> list:
+    return list(model._flatten_layers(include_self=True, recursive=True))
 
 
 def _float64_policy(policy):
@@ -37,17 +57,23 @@ def _float64_policy(policy):
 @contextlib.contextmanager
 def computing_in_float64(model: keras.Model) -> Iterator[None]:
     """Within the block every layer of ``model`` (nested models' and sublayers included) computes in float64 from its
-    float32 variables, cast up exactly: a float64 forward pass without a float64 copy of the weights."""
-    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+    float32 variables, cast up exactly: a float64 forward pass without a float64 copy of the weights. The layers'
+    built constants are cast up too, so that no operation on them (``Normalization``'s square root of its variance)
+    runs in float32."""
+    layers = [layer for layer in _all_layers(model)
               if getattr(layer, "_dtype_policy", None) is not None and layer.compute_dtype == "float32"]
-    saved = [layer._dtype_policy for layer in layers]
+    saved = [(layer._dtype_policy, _built_constants(layer)) for layer in layers]
     try:
-        for layer, policy in zip(layers, saved):
+        for layer, (policy, constants) in zip(layers, saved):
             layer._dtype_policy = _float64_policy(policy)
+            for key, value in constants.items():
+                setattr(layer, key, tf.cast(value, tf.float64))
         yield
     finally:
-        for layer, policy in zip(layers, saved):
+        for layer, (policy, constants) in zip(layers, saved):
             layer._dtype_policy = policy
+            for key, value in constants.items():
+                setattr(layer, key, value)
 
 
 def as_float32(structure):

@@ -77,3 +77,23 @@ def test_float64_products_through_a_grouped_convolution():
                               precision="float64", batch_size=6)
     assert_close(found.hessian_diagonal, expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
     assert_close(found.gradient, expected.gradient, 1e-5, "gradient", expected.smooth)
+
+
+def test_float64_clone_and_float64_computation_share_the_models_built_constants():
+    """``Normalization(mean=[0.485, ...])`` builds float32 constants: the float64 clone (the references' model) takes
+    those values, not the config's float64 ones, and ``computing_in_float64`` takes their square roots in float64, so
+    the two compute one function, bit for bit (before, they differed by 2e-8 at the input)."""
+    import tensorflow as tf
+
+    from pipeline.curvature.precision import computing_in_float64, float64_clone
+
+    inp = keras.Input((4, 4, 3))
+    normalized = keras.layers.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.229**2, 0.224**2, 0.225**2])(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(normalized))
+    x = tf.constant(np.random.default_rng(0).uniform(size=(2, 4, 4, 3)), tf.float64)
+    with computing_in_float64(model):
+        computed = model(x).numpy()
+    cloned = float64_clone(model)(x).numpy()
+    assert computed.dtype == cloned.dtype == np.float64
+    np.testing.assert_array_equal(computed, cloned)
+    assert model.layers[1].mean.dtype == tf.float32  # restored after the block
