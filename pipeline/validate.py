@@ -31,7 +31,7 @@ from pipeline.curvature.finite_diff import finite_difference_derivatives, frozen
 from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.second_order import rule_layers
-from pipeline.curvature.target import resolve_target
+from pipeline.curvature.target import located_target
 from pipeline.job import Job
 from pipeline.plan import Plan, sample_counts, sample_indices
 from pipeline.store import ResultStore
@@ -129,7 +129,7 @@ def validate_tensor(job: Job, store: ResultStore, plan: Plan, tensor: int, indic
         summary["note"] = f"{choice.name} is a stochastic estimate: only the gradient decides 'passed'"
     if spot_check:
         spot = indices[:SPOT_CHECKS]
-        checker = resolve_target(model64, target.path, target.weight.name)
+        checker = located_target(model64, target.path, target.weight.name)
         problem = Problem(checker, job.loss, rule_layers(checker))
         exact = exact_entries(problem, job.iter_batches(), spot)
         found = diagonal[: len(spot)]

@@ -29,7 +29,7 @@ from pipeline.curvature.layer import batches_of
 from pipeline.curvature.patches import patch_column
 from pipeline.curvature.precision import float64_clone
 from pipeline.curvature.problem import logits_output
-from pipeline.curvature.target import resolve_target
+from pipeline.curvature.target import located_target
 from pipeline.losses import get_loss
 
 
@@ -72,7 +72,7 @@ def finite_difference_derivatives(
     ``model64``: ``float64_clone(model)`` when the caller already made one (one per validation, not per tensor).
     """
     model64 = model64 or float64_clone(model)
-    variable = resolve_target(model64, layer, weight).variable
+    variable = located_target(model64, layer, weight).variable
     loss_fn = get_loss(loss, from_logits)
     if batches is None:
         held = batches_of(np.asarray(x), np.asarray(y), batch_size)
@@ -157,7 +157,7 @@ def frozen_decision_derivatives(
     Shares no engine code. ``model64`` as for ``finite_difference_derivatives``.
     """
     model64 = model64 or float64_clone(model)
-    target = resolve_target(model64, layer, weight)
+    target = located_target(model64, layer, weight)
     loss_fn = get_loss(loss, from_logits or peel_softmax)
     positions = [target.weight.flat_position(index) for index in indices]
     per_group = target.z_channels // target.weight.groups

@@ -242,9 +242,15 @@ def _layer_at(paths: dict, layer_path: str) -> keras.layers.Layer:
 
 def resolve_target(model: keras.Model, layer_path: str, weight: str = "kernel") -> Target:
     """The target at ``layer_path`` (a layer name, or a nested path such as ``stem/stem_conv``)."""
-    target = make_target(model, layer_path, _layer_at(dict(layer_paths(model)), layer_path), weight)
+    target = located_target(model, layer_path, weight)
     refuse_shared(model, [target])
     return target
+
+
+def located_target(model: keras.Model, layer_path: str, weight: str = "kernel") -> Target:
+    """The target at ``layer_path`` without the forward pass that counts its layer's calls: for a copy of a model whose
+    targets were resolved already (the references' float64 clone, once per tensor)."""
+    return make_target(model, layer_path, _layer_at(dict(layer_paths(model)), layer_path), weight)
 
 
 def resolve_targets(model: keras.Model, specs: Sequence[tuple[str, str]] | str) -> list[Target]:
