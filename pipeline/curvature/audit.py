@@ -208,11 +208,12 @@ class LayerCase:
 
 F64 = {"dtype": "float64"}
 _L = keras.layers
-# Every layer type's audit configurations, from its facts, in the table's order; keyed by their name in keras.layers.
+# Every layer type's audit configurations, from its facts, in the table's order; keyed by their class name.
 LAYER_CASES: tuple[LayerCase, ...] = tuple(
     LayerCase(case.label, "layer", case.label.split("(")[0], lambda case=case: case.make(**F64), case.shapes, case.call)
     for facts in FACTS.values() for case in facts.audit
 )
+_AUDITED_FACTS = {case.label.split("(")[0]: facts for facts in FACTS.values() for case in facts.audit}
 
 def _takes_one_tensor(fn) -> bool:
     required = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]
@@ -234,7 +235,7 @@ REGISTERED_CASES = LAYER_CASES + ACTIVATION_CASES
 
 def _rule_of(case: LayerCase) -> tuple | None:
     if case.kind == "layer":
-        return FACTS[getattr(_L, case.key)].second_order
+        return _AUDITED_FACTS[case.key].second_order
     facts = ACTIVATIONS.get(case.key)
     return None if facts is None else facts.second_order
 

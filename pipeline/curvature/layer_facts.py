@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
+from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.ops import nn as _NN
 from keras.src.ops import numpy as _N
 
@@ -300,6 +301,12 @@ def _add_transpose(layer, saved, v, magnitude=False):
     return [v] * len(layer.input)
 
 
+def _scaled_sum_transpose(layer, saved, v, magnitude=False):
+    """``inputs[0] + inputs[1] * scale`` (InceptionResNetV2's residual scaling): v to the first input, v·scale to the
+    second (|scale| for magnitudes)."""
+    return [v, v * (abs(layer.scale) if magnitude else layer.scale)]
+
+
 def _subtract_transpose(layer, saved, v, magnitude=False):
     return [v, v if magnitude else -v]
 
@@ -351,6 +358,7 @@ LEAKY_RULE = TransposeRule(_leaky_forward, _slope_transpose, "slope")
 PRELU_RULE = TransposeRule(_prelu_forward, _slope_transpose, "slope")
 SCALE_RULE = TransposeRule(_scale_forward, _scale_transpose, "its scale")
 ADD_RULE = TransposeRule(_plain_forward, _add_transpose, "copies to every input")
+SCALED_SUM_RULE = TransposeRule(_plain_forward, _scaled_sum_transpose, "the first input's copy, the second's scaled")
 SUBTRACT_RULE = TransposeRule(_plain_forward, _subtract_transpose, "copies, negated for the second input")
 AVERAGE_RULE = TransposeRule(_plain_forward, _average_transpose, "shares to every input")
 CONCATENATE_RULE = TransposeRule(_concatenate_forward, _concatenate_transpose, "split along the joined axis")
@@ -567,6 +575,8 @@ FACTS: dict[type, LayerFacts] = {
     _L.UpSampling3D: _linear(_case("UpSampling3D", lambda **k: _L.UpSampling3D(2, **k), VOL)),
     _L.Add: LayerFacts(_always, None, ADD_RULE, _merge_applies, audit=(
         _case("Add", lambda **k: _L.Add(**k), VEC, VEC),)),
+    CustomScaleLayer: LayerFacts(_always, None, SCALED_SUM_RULE, _merge_applies, audit=(
+        _case("CustomScaleLayer", lambda **k: CustomScaleLayer(0.17, **k), VEC, VEC),)),
     _L.Subtract: LayerFacts(_always, None, SUBTRACT_RULE, _merge_applies, audit=(
         _case("Subtract", lambda **k: _L.Subtract(**k), VEC, VEC),)),
     _L.Multiply: LayerFacts(_linear_in_one, None, SIGNED_VJP_RULE, _merge_applies, audit=(

@@ -172,13 +172,16 @@ def _transpose_zoo():
 
 def _merge_zoo():
     """A suffix with branches through every merge rule: Add of two paths from the target, Concatenate with a
-    tensor computed beside the target, Subtract reusing the target's output, Average, then max pooling."""
+    tensor computed beside the target, Subtract reusing the target's output, Average, InceptionResNetV2's residual
+    scaling (negative here, for the magnitudes), then max pooling."""
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
     inp = keras.Input((6, 6, 2))
     t = L.Conv2D(4, 3, padding="same", activation="relu", name="target")(L.Conv2D(3, 3, padding="same", activation="tanh")(inp))
     side = L.Conv2D(2, 3, padding="same", activation="relu")(inp)
     u = L.Add()([t, L.Conv2D(4, 1)(t)])
     q = L.Conv2D(4, 3, padding="same")(L.Concatenate()([u, side]))
-    h = L.Average()([L.Subtract()([q, t]), q])
+    h = CustomScaleLayer(-0.3)([L.Average()([L.Subtract()([q, t]), q]), q])
     return keras.Model(inp, L.Dense(5)(L.Flatten()(L.MaxPooling2D()(h))))
 
 
