@@ -228,7 +228,9 @@ def test_a_signal_while_units_run_and_the_rerun_resumes(exact_reference, tmp_pat
     code, lines = signal_run_when(config, lambda _: recorded_units(out) >= 1, signal.SIGTERM, delay=1.0)
     done = int(lines[-1].split()[1]) if lines and lines[-1].startswith("interrupted; ") else -1
     assert_stopped(code, lines, 143, f"{done} of {UNITS}", out)
-    assert 1 <= done < UNITS and len(ResultStore.open(str(out), mode="r").unit_records()) == done
+    # a unit is done once its checksummed partial sums are in the store; the driver's timing record follows, so the
+    # signal may land between the two (then the records count one fewer)
+    assert 1 <= done < UNITS and done - 1 <= len(ResultStore.open(str(out), mode="r").unit_records()) <= done
     result = run(tiny_config(out, **{**EXACT, "cluster": {"executor": "local"}}), live=False)
     assert len(result.skipped) == done and len(result.computed) == UNITS - done and result.passed
     assert_same_results(out, exact_reference)
