@@ -209,11 +209,12 @@ class LayerCase:
 F64 = {"dtype": "float64"}
 _L = keras.layers
 # Every layer type's audit configurations, from its facts, in the table's order; keyed by their class name.
+_AUDITED = [(case.label.split("(")[0], case, facts) for facts in FACTS.values() for case in facts.audit]
 LAYER_CASES: tuple[LayerCase, ...] = tuple(
-    LayerCase(case.label, "layer", case.label.split("(")[0], lambda case=case: case.make(**F64), case.shapes, case.call)
-    for facts in FACTS.values() for case in facts.audit
+    LayerCase(case.label, "layer", key, lambda case=case: case.make(**F64), case.shapes, case.call)
+    for key, case, _ in _AUDITED
 )
-_AUDITED_FACTS = {case.label.split("(")[0]: facts for facts in FACTS.values() for case in facts.audit}
+_AUDITED_FACTS = {key: facts for key, _, facts in _AUDITED}
 
 def _takes_one_tensor(fn) -> bool:
     required = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty]

@@ -39,8 +39,9 @@ REFINEMENTS = 4  # steps up to 10**4 times smaller than h, for entries whose ste
 class FiniteDifferences(NamedTuple):
     """Central-difference gradient and Hessian-diagonal entries at the sampled indices.
 
-    ``smooth[k]`` is False where steps h and h/2 disagree: a kink lies within h
-    of the point, and the diagonal reference there is not meaningful.
+    ``smooth[k]`` is False where entry k is unresolved: even its smallest steps (h/2 against h) disagree by more
+    than a quarter of the tolerance (a kink lies that close, or the derivatives vary faster still), and its
+    reference is not meaningful.
     """
 
     gradient: np.ndarray
