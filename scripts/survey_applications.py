@@ -88,17 +88,21 @@ def set_batch_norm_statistics(model, size: int, images: int = 16) -> None:
 
 
 def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 1800, workers: int = 1,
-           precision: str = "float32", chunk_size: int = 128) -> list[dict]:
+           precision: str = "float32", chunk_size: int = 128, resume: bool = False) -> list[dict]:
     import keras
 
     from pipeline.model import build_model  # noqa: F401  (the project's Keras settings)
 
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=1000)
-    set_batch_norm_statistics(model, size)
     path = os.path.join(root, f"{name}.keras")
-    model.save(path)
+    resume = resume and os.path.exists(path)
+    if resume:  # the saved model, so the store's fingerprint matches and its finished units are kept
+        model = keras.models.load_model(path, compile=False)
+    else:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=1000)
+        set_batch_norm_statistics(model, size)
+        model.save(path)
     chosen = targets_of(model)
     config = {
         "output": os.path.join(root, f"{name}.zarr"),
@@ -116,8 +120,8 @@ def survey(name: str, size: int, root: str, examples: int = 2, timeout: float = 
         yaml.safe_dump(config, handle)
     started = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-m", "pipeline", "run", config_path, "--overwrite"], capture_output=True,
-                              text=True, timeout=timeout)
+        command = [sys.executable, "-m", "pipeline", "run", config_path, *([] if resume else ["--overwrite"])]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         code, error = done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
         code, error = None, f"not done after {timeout:.0f} s"
@@ -160,11 +164,14 @@ def main() -> None:
                         help="compute.precision: the exact engine's arithmetic")
     parser.add_argument("--chunk-size", type=int, default=128,
                         help="compute.chunk_size: Hessian-vector products vectorized per call (memory grows with it)")
+    parser.add_argument("--resume", action="store_true", help="continue the stores a stopped survey left in --out"
+                        " (their done units are kept; the seconds per example count every unit)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name in args.only or list(FAMILIES):
-        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers, args.precision, args.chunk_size)
+        found = survey(name, FAMILIES[name], args.out, args.examples, args.timeout, args.workers, args.precision,
+                       args.chunk_size, args.resume)
         rows += found
         with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
             json.dump(found, handle, indent=1)

@@ -6,14 +6,17 @@ d²L/dW_i² ≈ (g_i(W + h e_i) - g_i(W - h e_i)) / 2h, and
 dL/dW_i ≈ (L(W + h e_i) - L(W - h e_i)) / 2h.
 
 Each entry is differenced with steps h and h/2 and Richardson-extrapolated; the two steps' gap
-bounds the reference's own error. An entry counts as resolved once that gap is within a quarter
-of the tolerance validation holds it to (``rtol``, ``atol`` of the largest sampled entry), for the
-gradient and the diagonal both. Two things keep entries from it at step h, and both are met by
-steps 10, 100, ... times smaller: a kink (ReLU, ReLU6, hard-swish, max-pool) within h of the point,
+bounds the reference's truncation error, and a few ulps of the loss values (or gradient entries)
+over the step bound its rounding. An entry counts as resolved once both together are within a
+quarter of the tolerance validation holds it to (``rtol``, ``atol`` of the largest sampled entry),
+for the gradient and the diagonal both. Three things keep entries from it at step h. Two are met by
+steps 10, 100, ... times shorter: a kink (ReLU, ReLU6, hard-swish, max-pool) within h of the point,
 where a difference quotient measures the jump and not the curvature (only steps longer than the
 distance to it cross it; the float64 gradients keep such steps accurate); and a network whose
 derivatives vary on a scale below h (a random EfficientNetV2's stem gradients swing by 100% over
-1e-5). An entry whose smallest steps still disagree is reported unresolved.
+1e-5). The third by steps up to 1000 times longer: a gradient entry so small against the loss that
+its loss values differ in the last digits only (ConvNeXt's blocks, scaled by 1e-6). The best
+attempt is kept; an entry none of them resolves is reported unresolved.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from pipeline.curvature.target import located_target
 from pipeline.losses import get_loss
 
 
-REFINEMENTS = 4  # steps up to 10**4 times smaller than h, for entries whose steps h and h/2 straddle a kink
+REFINEMENTS = 4  # further steps, each 10 times shorter (or longer) than the last, for an entry not yet resolved
+MAX_LONGER = 3  # steps at most 1000 times h
+ROUNDING_ULPS = 4  # float64 ulps of a loss value (or gradient entry) its evaluation may be off by
 
 
 class FiniteDifferences(NamedTuple):
@@ -97,6 +102,7 @@ def finite_difference_derivatives(
     base = variable.numpy().copy()
 
     def central(index, h):
+        """(gradient, diagonal) central quotients at step h, and bounds on their float64 rounding errors."""
         sides = []
         for sign in (1.0, -1.0):
             shifted = base.copy()
@@ -104,29 +110,47 @@ def finite_difference_derivatives(
             variable.assign(shifted)
             sides.append(evaluate())
         (loss_plus, grad_plus), (loss_minus, grad_minus) = sides
-        return (loss_plus - loss_minus) / (2 * h), (grad_plus[index] - grad_minus[index]) / (2 * h)
+        quotients = np.array([(loss_plus - loss_minus) / (2 * h), (grad_plus[index] - grad_minus[index]) / (2 * h)])
+        magnitudes = np.array([max(abs(loss_plus), abs(loss_minus)),
+                               max(abs(grad_plus[index]), abs(grad_minus[index]))])
+        return quotients, ROUNDING_ULPS * np.finfo(np.float64).eps * magnitudes / h
 
     def extrapolated(index, h):
-        """(gradient, diagonal) Richardson-extrapolated from steps h and h/2, and the two steps' gaps."""
-        coarse, fine = np.array(central(index, h)), np.array(central(index, h / 2))
-        return (4 * fine - coarse) / 3, np.abs(coarse - fine)
+        """(gradient, diagonal) Richardson-extrapolated from steps h and h/2, the two steps' gaps (truncation), and
+        the rounding of the result: without it a step so small that both sides round to one loss value would look
+        resolved, with a gradient of 0."""
+        (coarse, coarse_rounding), (fine, fine_rounding) = central(index, h), central(index, h / 2)
+        return (4 * fine - coarse) / 3, np.abs(coarse - fine), (4 * fine_rounding + coarse_rounding) / 3
 
     indices = [tuple(int(i) for i in index) for index in indices]
     found = [extrapolated(index, step) for index in indices]
-    scale = np.max([np.abs(value) for value, _ in found], axis=0, initial=0.0)
+    scale = np.max([np.abs(value) for value, _, _ in found], axis=0, initial=0.0)
 
-    def resolved(value, gap):
-        return bool(np.all(gap <= 0.25 * (rtol * np.abs(value) + atol * scale) + 1e-300))
+    def excesses(value, gap, rounding):
+        """Gradient's and diagonal's error bounds over their tolerances (resolved at most 1). Where every sampled
+        value is 0 at step h, no step moves the loss: there is no rounding to fear."""
+        return (gap + rounding * (scale > 0)) / (0.25 * (rtol * np.abs(value) + atol * scale) + 1e-300)
+
+    def excess(attempt):
+        return float(np.max(excesses(*attempt)))
 
     grad_fd, diag_fd, smooth = [], [], []
-    for index, (value, gap) in zip(indices, found):
-        refinement = 0
-        while not resolved(value, gap) and refinement < REFINEMENTS:
-            refinement += 1
-            value, gap = extrapolated(index, step / 10**refinement)
+    for index, attempt in zip(indices, found):
+        best, power, seen = attempt, 0, {0}  # the step is h · 10**power
+        while excess(best) > 1 and len(seen) <= REFINEMENTS:
+            _, gap, rounding = attempt
+            worst = int(np.argmax(excesses(*attempt)))
+            # longer steps where rounding dominates (a gradient far below the loss), shorter where the steps disagree
+            power += 1 if rounding[worst] > gap[worst] and power < MAX_LONGER else -1
+            if power in seen:
+                break
+            seen.add(power)
+            attempt = extrapolated(index, step * 10.0**power)
+            best = min(best, attempt, key=excess)
+        value = best[0]
         grad_fd.append(value[0])
         diag_fd.append(value[1])
-        smooth.append(resolved(value, gap))
+        smooth.append(excess(best) <= 1)
     variable.assign(base)
     return FiniteDifferences(np.array(grad_fd), np.array(diag_fd), np.array(smooth))
 

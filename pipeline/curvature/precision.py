@@ -12,6 +12,35 @@ import numpy as np
 import tensorflow as tf
 
 
+def _entry_dtypes(model: keras.Model) -> list[tuple[object, str, object]]:
+    """What makes ``model`` and every model nested in it cast what they are called on: a functional model converts
+    its inputs to its symbolic inputs' dtype, a ``Sequential`` to its input layer's. As (object, attribute, value
+    in float64) triples; both are float32 as built, and would round a float64 pass at each nested model's entry
+    (ConvNeXt's stem and downsampling blocks), which leaves loss values in float32's precision."""
+    found = []
+    for layer in _all_layers(model):
+        first = getattr(layer, "_layers", None) if isinstance(layer, keras.Sequential) else None
+        if first and isinstance(first[0], keras.layers.InputLayer):
+            found.append((first[0], "_dtype", "float64"))
+        if isinstance(layer, keras.Model):
+            for tensor in getattr(layer, "inputs", None) or []:
+                if tensor.dtype == "float32":
+                    found.append((tensor, "_dtype", "float64"))
+    return found
+
+
+@contextlib.contextmanager
+def _swapped(changes: list[tuple[object, str, object]]) -> Iterator[None]:
+    saved = [getattr(target, name) for target, name, _ in changes]
+    try:
+        for target, name, value in changes:
+            setattr(target, name, value)
+        yield
+    finally:
+        for (target, name, _), value in zip(changes, saved):
+            setattr(target, name, value)
+
+
 def _built_constants(layer) -> dict[str, tf.Tensor]:
     """The float32 tensors ``layer`` made at build time that are not variables (``Normalization``'s mean and
     variance): part of the function the model computes, as its variables are."""
@@ -39,6 +68,8 @@ def float64_clone(model: keras.Model) -> keras.Model:
     for original, copied in zip(_all_layers(model), _all_layers(clone), strict=True):
         for key, value in _built_constants(original).items():
             setattr(copied, key, tf.cast(value, tf.float64))
+    for target, name, value in _entry_dtypes(clone):
+        setattr(target, name, value)
     return clone
 
 
@@ -59,21 +90,15 @@ def computing_in_float64(model: keras.Model) -> Iterator[None]:
     """Within the block every layer of ``model`` (nested models' and sublayers included) computes in float64 from its
     float32 variables, cast up exactly: a float64 forward pass without a float64 copy of the weights. The layers'
     built constants are cast up too, so that no operation on them (``Normalization``'s square root of its variance)
-    runs in float32."""
-    layers = [layer for layer in _all_layers(model)
-              if getattr(layer, "_dtype_policy", None) is not None and layer.compute_dtype == "float32"]
-    saved = [(layer._dtype_policy, _built_constants(layer)) for layer in layers]
-    try:
-        for layer, (policy, constants) in zip(layers, saved):
-            layer._dtype_policy = _float64_policy(policy)
-            for key, value in constants.items():
-                setattr(layer, key, tf.cast(value, tf.float64))
+    runs in float32, and nested models take float64 inputs as they are."""
+    changes = []
+    for layer in _all_layers(model):
+        if getattr(layer, "_dtype_policy", None) is not None and layer.compute_dtype == "float32":
+            changes.append((layer, "_dtype_policy", _float64_policy(layer._dtype_policy)))
+            changes.extend((layer, key, tf.cast(value, tf.float64)) for key, value in _built_constants(layer).items())
+    changes.extend(_entry_dtypes(model))
+    with _swapped(changes):
         yield
-    finally:
-        for layer, (policy, constants) in zip(layers, saved):
-            layer._dtype_policy = policy
-            for key, value in constants.items():
-                setattr(layer, key, value)
 
 
 def as_float32(structure):

@@ -85,6 +85,35 @@ def test_finite_differences_step_past_a_kink_within_h():
     np.testing.assert_allclose(fd.gradient[0], 2 * (3.0 * z - 2.0) * 3.0, rtol=1e-6)
 
 
+def test_finite_differences_take_longer_steps_for_a_gradient_far_below_the_loss():
+    """(1e-6 sin z + 10)²: a loss of 100 whose gradient entries are 2e-5, as in ConvNeXt's blocks (scaled by 1e-6). Its
+    loss values at w ± h differ in their last digits only, so rounding, not truncation, limits the difference
+    quotient; shorter steps make it worse, until both sides round to one value and the gradient reads 0. Longer steps
+    resolve it, and the values meet the analytic ones."""
+    import keras
+
+    scale, offset = 1e-6, 10.0
+    inp = keras.Input((3,))
+    z = keras.layers.Dense(1, name="target")(inp)
+    model = keras.Model(inp, keras.ops.sin(z) * scale + offset)
+    model.get_layer("target").set_weights([np.array([[0.5], [-0.3], [0.8]], "float32"), np.array([0.1], "float32")])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 3)).astype("float32"), np.zeros((4, 1), "float32")
+    w, b = (v.astype(np.float64) for v in model.get_layer("target").get_weights())
+    x64 = x.astype(np.float64)
+    z64 = x64 @ w[:, 0] + b[0]
+    residual = scale * np.sin(z64) + offset
+    gradient = np.mean(2 * residual[:, None] * scale * np.cos(z64)[:, None] * x64, axis=0)
+    diagonal = np.mean(2 * ((scale * np.cos(z64)) ** 2 - residual * scale * np.sin(z64))[:, None] * x64**2, axis=0)
+    indices = [(0, 0), (1, 0), (2, 0)]
+    fd = finite_difference_derivatives(model, "target", x, y, indices, loss="mse", step=1e-5)
+    assert fd.smooth.all()
+    # resolved as promised: within a quarter of validation's default tolerance (rtol 1e-3, atol 1e-4 of the largest)
+    promised = 0.25 * (1e-3 * np.abs(gradient) + 1e-4 * np.abs(gradient).max())
+    assert np.all(np.abs(fd.gradient - gradient) <= promised), (fd.gradient, gradient)
+    np.testing.assert_allclose(fd.hessian_diagonal, diagonal, rtol=1e-6)
+
+
 def test_finite_differences_refine_where_derivatives_vary_faster_than_the_step():
     """sin(2e4 z): the phase moves 0.2 rad over h = 1e-5, so steps h and h/2 agree to 0.3% and are both 0.3% off; a
     reference resolved only to that would fail a correct result at rtol 1e-3. Smaller steps are taken until they agree

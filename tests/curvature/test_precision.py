@@ -97,3 +97,31 @@ def test_float64_clone_and_float64_computation_share_the_models_built_constants(
     assert computed.dtype == cloned.dtype == np.float64
     np.testing.assert_array_equal(computed, cloned)
     assert model.layers[1].mean.dtype == tf.float32  # restored after the block
+
+
+@pytest.mark.parametrize("nesting", ["sequential", "functional"])
+def test_float64_passes_enter_nested_models_without_rounding(nesting):
+    """A nested model casts what it is called on to its input's dtype, float32 as built (ConvNeXt's stem and
+    downsampling blocks are nested ``Sequential`` models). In the float64 clone and in ``computing_in_float64`` it
+    must not: both meet NumPy's float64 arithmetic to 1e-15, where a rounded entry leaves 1e-8."""
+    import tensorflow as tf
+
+    from pipeline.curvature.precision import computing_in_float64, float64_clone
+
+    if nesting == "sequential":
+        block = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh", name="inner")], name="block")
+    else:
+        inner_input = keras.Input((4,))
+        block = keras.Model(inner_input, keras.layers.Dense(4, activation="tanh", name="inner")(inner_input), name="block")
+    inp = keras.Input((3,))
+    model = keras.Model(inp, block(keras.layers.Dense(4, name="first")(inp)))
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    (w1, b1), (w2, b2) = (model.get_layer("first").get_weights(),
+                          model.get_layer("block").get_layer("inner").get_weights())
+    expected = np.tanh((x @ w1.astype(np.float64) + b1) @ w2.astype(np.float64) + b2)
+    with computing_in_float64(model):
+        computed = model(tf.constant(x, tf.float64)).numpy()
+    cloned = float64_clone(model)(tf.constant(x, tf.float64)).numpy()
+    for found in (computed, cloned):
+        np.testing.assert_allclose(found, expected, rtol=0, atol=1e-15)
+    assert model.get_layer("block").inputs[0].dtype == "float32"  # restored after the block
