@@ -13,8 +13,9 @@ so every kernel and bias on the way shares one pass. Two savings, both exact:
   (ReLU masks and max-pool routing do not depend on c); ones pushed back through |Jᵀ| find them
   before any column.
 * Gram form: Σ_c (v_cᵀ P)² = Pᵀ (Σ_c v_c v_cᵀ) P, so with M = VᵀV on the A support positions the
-  diagonal is Σ_a P ⊙ (M P), costing A²(C + F) instead of C·A·F; used when A < C. A kernel and its
-  bias share their stage's M (a bias's patches are ones).
+  diagonal is Σ_a P ⊙ (M P), costing A²(C + F) instead of the products' C·S·F over all S positions;
+  used where A < C and that is fewer (``gram_pays``). A kernel and its bias share their stage's M (a bias's
+  patches are ones).
 
 Columns stream in chunks: each chunk is folded in and dropped, so an example's C columns are never
 held at once; the loss gradient rides as one more column of the last chunk.
@@ -309,6 +310,16 @@ class SpareMemory:
         return True
 
 
+def gram_pays(support: int, stage: StageTargets, columns: int) -> bool:
+    """Whether Gram matrices pay for a stage whose support has A = ``support`` positions: A below the C ``columns``,
+    and their A²(C + ΣF) operations per example and channel fewer than the products' C·S·ΣF over all S positions
+    (ΣF the stage's targets' features). A bias alone (one feature) never pays. The first condition stands for what
+    counting operations misses: the Gram form's gathers and small products ran about 5 times slower per operation
+    here, so a support only a little smaller than S (VGG's pooled 32x32 layers) is faster by the products."""
+    features = sum(t.features for t in stage.targets)
+    return support < columns and support**2 * (columns + features) < columns * stage.targets[0].positions * features
+
+
 class StageFold:
     """One stage's running sums of squared weight gradients over column chunks: per-channel Gram matrices on
     the support when it is narrower than the factor's width and they fit the ``spare`` memory, else the products
@@ -322,7 +333,7 @@ class StageFold:
             positions = support_positions(active)
             support = int(positions.shape[-1])
             gram_bytes = 4 * examples * stage.width * support * support
-            if support < owner.factor_width and spare.take_gram(gram_bytes):
+            if gram_pays(support, stage, owner.factor_width) and spare.take_gram(gram_bytes):
                 self.positions = positions
         support = 0 if self.positions is None else int(self.positions.shape[-1])
         self.width = owner._channel_width(stage, examples, support, spare.products)

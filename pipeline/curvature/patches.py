@@ -115,7 +115,27 @@ def column_square_sums(patches, columns: tf.Tensor) -> tf.Tensor:
     (C, N, S, O'), summed."""
     if isinstance(patches, OneHotPatches):
         return patches.column_square_sums(columns)
+    if patches.shape.rank == 3 and narrow_products(columns.shape[3], patches.shape[2]):
+        return per_example_square_sums(patches, columns)
     return tf.reduce_sum(tf.square(column_gradients(patches, columns)), axis=(0, 1))
+
+
+def per_example_square_sums(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    """``column_square_sums`` for shared patches (N, S, F) with the columns (C, N, S, O') transposed first: one
+    F x S times S x (C·O') product per example."""
+    count = columns.shape
+    by_example = tf.reshape(tf.transpose(columns, (1, 2, 0, 3)), (count[1], count[2], count[0] * count[3]))
+    gradients = tf.linalg.matmul(patches, by_example, transpose_a=True)  # (N, F, C·O')
+    return tf.reduce_sum(tf.reshape(tf.square(gradients), (count[1], -1, count[0], count[3])), axis=(0, 2))
+
+
+def narrow_products(channels: int, features: int) -> bool:
+    """Whether per-column products (F x S times S x O') are too narrow to run near the matrix-product rate, so that
+    transposing the columns first, for one F x S times S x (C·O') product per example, pays: for at most 32 channels
+    and at least 8 features per channel. Measured on x86 with oneDNN (``docs/BENCHMARKS.md``): 0.36 to 0.8 of the
+    time there, up to 3 times slower for few features or 128 channels, where the transpose is not repaid
+    (``scripts/bench_products.py``)."""
+    return channels is not None and features is not None and channels <= 32 and features >= 8 * channels
 
 
 def block_products(patches, s_ids: tf.Tensor, o_ids: tf.Tensor, start, rows: tf.Tensor, width) -> tf.Tensor:

@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from pipeline.curvature import layer_derivatives
 from pipeline.curvature.factored import FactoredPass
-from pipeline.curvature.patches import OneHotPatches, block_products, column_square_sums, contract, expand, patch_column
+from pipeline.curvature.patches import (OneHotPatches, block_products, column_square_sums, contract, expand, narrow_products,
+                                        patch_column)
 from pipeline.curvature.target import resolve_targets
 from pipeline.losses import get_loss
 from tests.curvature.cases import KIND_CASES, KIND_IDS
@@ -93,3 +94,15 @@ def test_the_factored_plan_of_an_embedding_does_not_grow_with_its_vocabulary():
     needs = [FactoredPass(loss, resolve_targets(model, [("target", "embeddings")]), False).bytes_per_example()
              for model in (small, _with_vocabulary(small, 1_000_000))]
     assert needs[0] == needs[1]
+
+
+@pytest.mark.parametrize("channels, features, narrow", [(4, 40, True), (4, 9, False), (48, 400, False)])
+def test_column_square_sums_in_either_layout_meet_float64_numpy(channels, features, narrow):
+    """Narrow products (few channels, many features) transpose the columns for one product per example; the others
+    take one product per column and example. Both are Σ_{c,n} (Σ_s P[n, s, f] v_c[n, s, o])²."""
+    rng = np.random.default_rng(0)
+    patches, columns = rng.normal(size=(3, 10, features)), rng.normal(size=(5, 3, 10, channels))
+    expected = np.einsum("cnfo->fo", np.einsum("nsf,cnso->cnfo", patches, columns) ** 2)
+    found = column_square_sums(tf.constant(patches, tf.float32), tf.constant(columns, tf.float32)).numpy()
+    assert narrow_products(channels, features) == narrow
+    np.testing.assert_allclose(found, expected, rtol=1e-5)
