@@ -12,13 +12,13 @@ import numpy as np
 import tensorflow as tf
 
 
-def _entry_dtypes(model: keras.Model) -> list[tuple[object, str, object]]:
-    """What makes ``model`` and every model nested in it cast what they are called on: a functional model converts
+def _entry_dtypes(layers: list) -> list[tuple[object, str, object]]:
+    """What makes the models among ``layers`` (a model's ``_all_layers``) cast what they are called on: a functional model converts
     its inputs to its symbolic inputs' dtype, a ``Sequential`` to its input layer's. As (object, attribute, value
     in float64) triples; both are float32 as built, and would round a float64 pass at each nested model's entry
     (ConvNeXt's stem and downsampling blocks), which leaves loss values in float32's precision."""
     found = []
-    for layer in _all_layers(model):
+    for layer in layers:
         first = getattr(layer, "_layers", None) if isinstance(layer, keras.Sequential) else None
         if first and isinstance(first[0], keras.layers.InputLayer):
             found.append((first[0], "_dtype", "float64"))
@@ -65,10 +65,11 @@ def float64_clone(model: keras.Model) -> keras.Model:
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
-    for original, copied in zip(_all_layers(model), _all_layers(clone), strict=True):
+    copies = _all_layers(clone)
+    for original, copied in zip(_all_layers(model), copies, strict=True):
         for key, value in _built_constants(original).items():
             setattr(copied, key, tf.cast(value, tf.float64))
-    for target, name, value in _entry_dtypes(clone):
+    for target, name, value in _entry_dtypes(copies):
         setattr(target, name, value)
     return clone
 
@@ -91,12 +92,12 @@ def computing_in_float64(model: keras.Model) -> Iterator[None]:
     float32 variables, cast up exactly: a float64 forward pass without a float64 copy of the weights. The layers'
     built constants are cast up too, so that no operation on them (``Normalization``'s square root of its variance)
     runs in float32, and nested models take float64 inputs as they are."""
-    changes = []
-    for layer in _all_layers(model):
+    layers, changes = _all_layers(model), []
+    for layer in layers:
         if getattr(layer, "_dtype_policy", None) is not None and layer.compute_dtype == "float32":
             changes.append((layer, "_dtype_policy", _float64_policy(layer._dtype_policy)))
             changes.extend((layer, key, tf.cast(value, tf.float64)) for key, value in _built_constants(layer).items())
-    changes.extend(_entry_dtypes(model))
+    changes.extend(_entry_dtypes(layers))
     with _swapped(changes):
         yield
 
