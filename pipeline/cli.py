@@ -70,6 +70,10 @@ def _validation_table(validation: dict) -> Table:
     return table
 
 
+def _gib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 2**30:.3g}"
+
+
 def _dry_run(cfg) -> None:
     """Print the plan: each tensor's engine and predicted cost, the units, the predicted wall time for 1 to 64 workers."""
     from pipeline.coordinator import resolve_example_block
@@ -87,18 +91,21 @@ def _dry_run(cfg) -> None:
                   f" of at most {plan.example_block} examples ({plan.examples} examples, batches of {cfg.data.batch_size});"
                   f" stored in shards of {plan.shard_size} channels")
     tensors = Table(title="tensors")
-    for column in ("tensor", "shape", "entries", "engine", "why", "predicted compute s", "tracing s (per worker)"):
+    batch = min(cfg.data.batch_size, plan.examples)
+    for column in ("tensor", "shape", "entries", "engine", "why", "predicted compute s", "tracing s (per worker)",
+                   "memory GiB (per call)"):
         tensors.add_column(column)
     for index, tensor in enumerate(plan.tensors):
         choice = job.curvature.choices[tensor.name]
         cost = "shared pass" if tensor.shared else f"{per_example[tensor.name] * plan.examples:,.1f}"
         traced = "shared pass" if tensor.shared else f"{tracing.get(tensor.name, float('nan')):,.1f}"
-        tensors.add_row(tensor.name, str(tensor.shape), f"{tensor.entries:,}", choice.name, choice.reason, cost, traced)
+        memory = "shared pass" if tensor.shared else _gib(job.curvature.separate[tensor.name].predicted_bytes(batch))
+        tensors.add_row(tensor.name, str(tensor.shape), f"{tensor.entries:,}", choice.name, choice.reason, cost, traced, memory)
     console.print(tensors)
     if plan.shared:
         console.print(f"shared pass ({len(plan.shared)} tensors, {job.curvature.shared.column_method}):"
                       f" {per_example['shared'] * plan.examples:,.1f} s predicted, {tracing.get('shared', float('nan')):,.1f} s"
-                      " of tracing per worker")
+                      f" of tracing per worker, {_gib(job.curvature.shared.predicted_bytes(batch))} GiB per batch")
     console.print(f"partial sums {max(plan.unit_result_bytes(u) for u in plan.units) / 2**20:.2f} MiB per unit in flight at most;"
                   f" calibration timed on {calibration['examples_timed']} example; predicted compute: {compute:,.0f} s in all")
     table = Table(title="predicted wall time (units and each worker's tracing; validation not included)")

@@ -88,14 +88,17 @@ class ComputeConfig(_Section):
 
     engine: Literal["auto", "exact", "factored", "hutchinson", "monte_carlo"] = Field("auto", description="`auto` picks `factored` when exact for this model, else `exact`; `hutchinson` and `monte_carlo` are stochastic estimates")
     shard_size: int = Field(8, gt=0, description="output channels per shard (= Zarr chunk along the last axis)")
-    chunk_size: int = Field(128, gt=0, description="exact engine: entries vectorized per call (memory bound)")
+    chunk_size: int = Field(128, gt=0, description="exact engine: Hessian-vector products vectorized per call at most;"
+                            " fewer where `memory_gb` needs")
     precision: Literal["float32", "float64"] = Field(
         "float32", description="exact engine: the arithmetic of its Hessian-vector products and gradients; `float64` computes"
         " every layer in float64 from the float32 weights (about 2x the time on CPUs), for models whose float32 forward pass"
         " loses digits (validation then fails by more than rounding)")
     column_chunk: int = Field(16, gt=0, description="factored engine: loss-Hessian factor columns per call (memory bound)")
-    memory_gb: float = Field(2.0, gt=0, description="factored engine: memory one worker's shared pass may use; examples and channels"
-                             " are chunked to fit, and a plan where one example cannot fit is refused before any compute")
+    memory_gb: float = Field(2.0, gt=0, description="memory one worker's computation may use (tracing and compiling aside):"
+                             " the factored pass chunks examples and channels to fit, the exact engine its products per"
+                             " call; a plan where one example (factored) or one product over a batch (exact) cannot fit"
+                             " is refused before any compute")
     probes: int = Field(64, gt=1, description="hutchinson: number of Rademacher probes")
     samples: int = Field(16, gt=1, description="monte_carlo: sampled loss-Hessian factor columns per example")
     seed: int = Field(0, description="hutchinson and monte_carlo: random seed")

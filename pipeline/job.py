@@ -60,6 +60,7 @@ class Job:
         source = open_data(config.data, tuple(model.inputs[0].shape[1:]), classes, loss, options)
         if source.examples == 0:
             raise BadInputError("the data set is empty")
+        curvature.check_memory(min(config.data.batch_size, source.examples))
         return cls(config=config, model=model, source=source, targets=targets, curvature=curvature)
 
     @property

@@ -79,6 +79,15 @@ def test_plan_over_the_memory_budget_is_refused(tmp_path, capsys, dry_run):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_exact_products_over_the_memory_budget_are_refused(tmp_path, capsys, dry_run):
+    raw = tiny_raw(tmp_path / "s.zarr", compute={"engine": "exact", "memory_gb": 1e-3})
+    code, err = _bad(tmp_path, capsys, raw, *(["--dry-run"] if dry_run else []))
+    assert code == 2 and "for one Hessian-vector product over a batch of 64 examples of 'block2_conv1/kernel'" in err
+    assert "more than compute.memory_gb 0.001; data.batch_size 9 would fit" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_missing_data_file(tmp_path, capsys):
     raw = tiny_raw(tmp_path / "s.zarr", data={"source": "npz", "path": str(tmp_path / "nope.npz")})
     code, err = _bad(tmp_path, capsys, raw)

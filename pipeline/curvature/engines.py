@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import BadInputError
 
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes one worker's computation may use (``compute.memory_gb``)
+
 
 @dataclass(frozen=True)
 class Engine:
@@ -83,15 +85,17 @@ def choose_engine(requested: str, piecewise_linear: bool, suffix_reason: str) ->
 
 
 def build_engine(choice: EngineChoice, problem, peel_softmax: bool, *, jit_compile: bool, chunk_size: int = 128,
-                 column_chunk: int = 16, probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32"):
+                 column_chunk: int = 16, probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
     """The engine object for one tensor's ``problem`` (``pipeline.curvature.problem.Problem``)."""
     from pipeline.curvature.exact import ExactEngine
     from pipeline.curvature.factored import FactoredEngine
     from pipeline.curvature.stochastic import HutchinsonEngine, MonteCarloFactorEngine
 
     builders = {
-        "exact": lambda: ExactEngine(problem, chunk_size, jit_compile=jit_compile, precision=precision),
-        "factored": lambda: FactoredEngine(problem, peel_softmax, column_chunk),
+        "exact": lambda: ExactEngine(problem, chunk_size, jit_compile=jit_compile, precision=precision,
+                                     memory_budget=memory_budget),
+        "factored": lambda: FactoredEngine(problem, peel_softmax, column_chunk, memory_budget),
         "hutchinson": lambda: HutchinsonEngine(problem, probes=probes, seed=seed),
         "monte_carlo": lambda: MonteCarloFactorEngine(problem, peel_softmax, samples=samples, seed=seed),
     }

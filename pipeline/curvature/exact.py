@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
+from pipeline.curvature.engines import DEFAULT_MEMORY_BUDGET
 from pipeline.curvature.patches import block_products, channel_patches, patch_column
 from pipeline.curvature.precision import computing_in_float64
 from pipeline.curvature.problem import Problem
+from pipeline.curvature.suffix import suffix_floats
+from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +108,58 @@ def gradient_if(wanted, problem: Problem, x, y, start, width) -> tuple[tf.Tensor
                    lambda: (tf.zeros((features, width), tf.float64), tf.constant(0.0, tf.float64)))
 
 
+# Peak memory grew by 2.8 to 6.3 times z's and the suffix's outputs per product direction and example, measured over
+# both methods, float32 and float64, graph and XLA (scripts/bench_exact_memory.py, docs/BENCHMARKS.md).
+DIRECTION_COPIES = 8
+
+
+@dataclass(frozen=True)
+class ProductMemory:
+    """Memory a call of vectorized Hessian-vector products takes, predicted from the sizes of the target's z, its
+    patches and the suffix's outputs: per example the forward state (kept for the backward pass) and the patches,
+    and per product direction and example ``DIRECTION_COPIES`` copies of z and the suffix's outputs. Tracing and
+    compiling are not counted: they do not grow with the examples or directions."""
+
+    state_floats: int
+    direction_floats: int
+    bytes_per_float: int
+
+    @classmethod
+    def of(cls, problem: Problem, precision: str) -> "ProductMemory":
+        target = problem.target
+        suffix = suffix_floats(target)
+        return cls(state_floats=2 * suffix + target.patch_floats(target.z_channels),
+                   direction_floats=DIRECTION_COPIES * (target.positions * target.z_channels + suffix),
+                   bytes_per_float=8 if precision == "float64" else 4)
+
+    def bytes(self, examples: int, directions: int) -> int:
+        """Predicted bytes of one call over ``examples`` examples and ``directions`` product directions."""
+        return self.bytes_per_float * examples * (self.state_floats + directions * self.direction_floats)
+
+    def directions_fitting(self, examples: int, budget: int) -> int:
+        """The most directions one call over ``examples`` examples may take within ``budget`` bytes (0 if none)."""
+        spare = budget // (self.bytes_per_float * examples) - self.state_floats
+        return max(0, spare // self.direction_floats)
+
+
 class ExactEngine:
     """Per-batch exact diagonal, ``chunk_size`` HVP directions vectorized per call, by the entry or block method.
 
     ``jit_compile``: compile the chunks by XLA (only where the suffix passes the audit that way).
     ``precision``: ``float64`` computes every layer in float64 from its float32 weights (as a graph, not by XLA).
+    ``memory_budget``: bytes one call may use; a call takes fewer than ``chunk_size`` directions where its
+    ``ProductMemory`` needs that, and ``check_memory`` refuses a batch for which one direction does not fit.
     """
 
     name = "exact"
 
-    def __init__(self, problem: Problem, chunk_size: int = 128, jit_compile: bool = False, precision: str = "float32"):
+    def __init__(self, problem: Problem, chunk_size: int = 128, jit_compile: bool = False, precision: str = "float32",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.problem = problem
         self.chunk_size = chunk_size
         self.precision = precision
+        self.memory_budget = memory_budget
+        self.memory = ProductMemory.of(problem, precision)
         target = problem.target
         self.features = target.features
         self.positions = target.positions
@@ -161,6 +204,27 @@ class ExactEngine:
 
     streams_gradient = True  # the gradient comes from the first chunk's call
 
+    def directions_per_call(self, examples: int) -> int:
+        """``chunk_size``, or fewer where a call over ``examples`` examples would not fit the memory budget (at least 1)."""
+        return max(1, min(self.chunk_size, self.memory.directions_fitting(examples, self.memory_budget)))
+
+    def predicted_bytes(self, examples: int) -> int:
+        """Predicted memory of one call over a batch of ``examples`` examples."""
+        return self.memory.bytes(examples, self.directions_per_call(examples))
+
+    def check_memory(self, examples: int) -> None:
+        """Raise BadInputError when one product direction over a batch of ``examples`` examples does not fit the
+        memory budget, saying what would."""
+        if self.memory.directions_fitting(examples, self.memory_budget) >= 1:
+            return
+        needed = self.memory.bytes(examples, 1)
+        fits = self.memory_budget // self.memory.bytes(1, 1)
+        hint = (f"data.batch_size {fits} would fit" if fits >= 1 else
+                f"it needs compute.memory_gb of at least {self.memory.bytes(1, 1) / 2**30:.3g} (with data.batch_size 1)")
+        raise BadInputError(f"the exact engine needs {needed / 2**30:.3g} GiB for one Hessian-vector product over a batch"
+                            f" of {examples} examples of {self.problem.target.name!r} ({self.precision}), more than"
+                            f" compute.memory_gb {self.memory_budget / 2**30:.3g}; {hint}")
+
     def batch_diagonal(self, x, y, channels: slice) -> np.ndarray:
         """(F, O') sum over the batch of the diagonal for z channels ``channels``."""
         return self.batch_derivatives(x, y, channels)[1]
@@ -170,7 +234,7 @@ class ExactEngine:
         outs = channels.stop - channels.start
         inner = self.positions if self.method == "block" else self.features
         total = inner * outs
-        size = min(self.chunk_size, total)  # every chunk is padded to this size, so one traced graph serves all
+        size = min(self.directions_per_call(len(x)), total)  # every chunk is padded to this size: one traced graph serves all
         inner_ids = np.tile(np.arange(inner, dtype=np.int32), outs)
         o_ids = np.repeat(np.arange(channels.start, channels.stop, dtype=np.int32), inner)
         for first in range(0, total, size):
@@ -194,13 +258,14 @@ class ExactEngine:
         """Seconds one example costs over every channel, from one chunk timed after a warm-up one."""
         x, y = x[:1], y[:1]
         self.time_chunk(x, y)  # trace
-        return self.time_chunk(x, y) / self.chunk_size * self.directions(slice(0, self.problem.target.z_channels))
+        return self.time_chunk(x, y) / self.directions_per_call(1) * self.directions(slice(0, self.problem.target.z_channels))
 
     def time_chunk(self, x, y) -> float:
-        """Seconds for one chunk of ``chunk_size`` HVP directions on examples ``x``."""
-        ids = tf.zeros([self.chunk_size], tf.int32)
+        """Seconds for one call of ``directions_per_call`` HVP directions on examples ``x``."""
+        size = self.directions_per_call(len(x))
+        ids = tf.zeros([size], tf.int32)
         started = time.perf_counter()
-        self._run_chunk(self.method, x, y, ids, ids, tf.ones([self.chunk_size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
+        self._run_chunk(self.method, x, y, ids, ids, tf.ones([size]), tf.constant(0), tf.constant(1), tf.constant(False))[0].numpy()
         return time.perf_counter() - started
 
 

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from pipeline.curvature.engines import DEFAULT_MEMORY_BUDGET
 from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
 from pipeline.curvature.graph import suffix_of
 from pipeline.curvature.patches import channel_patches, column_square_sums, contract, shared_by_channels
@@ -40,7 +41,6 @@ from pipeline.curvature.target import Target
 from pipeline.errors import BadInputError
 from pipeline.losses import Loss
 
-DEFAULT_MEMORY_BUDGET = 2 << 30
 SPARSE_MIN_CLASSES = 64
 
 
@@ -204,6 +204,10 @@ class FactoredPass:
     def example_chunk(self) -> int:
         """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
         return max(1, self.memory_budget // self.bytes_per_example())
+
+    def predicted_bytes(self, examples: int) -> int:
+        """Predicted memory of a batch of ``examples`` examples: its largest example chunk's (Gram matrices aside)."""
+        return min(examples, self.example_chunk()) * self.bytes_per_example()
 
     def _channel_width(self, stage: StageTargets, examples: int, support: int, available: int) -> int:
         """Channels per product call whose weight gradients of a chunk (or gathered patches), and their squares, fit
@@ -405,6 +409,13 @@ class FactoredEngine:
 
     def seconds_per_example(self, x, y) -> float:
         return self.pass_.seconds_per_example(x, y)
+
+    def check_memory(self, examples: int) -> None:
+        """The pass chunks a batch's examples to fit; it refuses only where one example cannot."""
+        self.pass_.check_memory()
+
+    def predicted_bytes(self, examples: int) -> int:
+        return self.pass_.predicted_bytes(examples)
 
     def batch_derivatives(self, x, y, z_channels: slice) -> tuple[np.ndarray, np.ndarray, float]:
         """(F, O') sums over the batch of the gradient and of the diagonal for z channels ``z_channels``, and the summed loss."""

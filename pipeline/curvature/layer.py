@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature.engines import ENGINE_NAMES, EngineChoice, build_engine, choose_engine
+from pipeline.curvature.engines import DEFAULT_MEMORY_BUDGET, ENGINE_NAMES, EngineChoice, build_engine, choose_engine
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.second_order import check_second_order, rule_layers
 from pipeline.curvature.suffix import check_suffix
@@ -70,7 +70,8 @@ class TensorCurvature:
     example blocks for the lifetime of a worker."""
 
     def __init__(self, target: Target, loss: Loss, *, engine: str = "exact", chunk_size: int = 128, column_chunk: int = 16,
-                 probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32"):
+                 probes: int = 64, samples: int = 16, seed: int = 0, precision: str = "float32",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.target, self.loss = target, loss
         check = check_suffix(target, loss)
         self.suffix_check = check
@@ -80,7 +81,8 @@ class TensorCurvature:
         self.problem = Problem(target, loss, rule_layers(target))
         self.engine = build_engine(self.choice, self.problem, check.peel_softmax,
                                    jit_compile=bool(self.second_order and self.second_order.xla), chunk_size=chunk_size,
-                                   column_chunk=column_chunk, probes=probes, samples=samples, seed=seed, precision=precision)
+                                   column_chunk=column_chunk, probes=probes, samples=samples, seed=seed, precision=precision,
+                                   memory_budget=memory_budget)
         problem = self.problem
         self._gradient = tf.function(lambda x, y, start, stop: problem.batch_gradient(x, y, slice(start, stop)))
         self.stderr: np.ndarray | None = None
@@ -102,6 +104,17 @@ class TensorCurvature:
             raise NonFiniteLossError(f"the Hessian diagonal of {self.target.name!r} is not finite")
         weight = self.target.weight
         return Derivatives(weight.to_weight(grad, channels), weight.to_weight(diag, channels))
+
+    def check_memory(self, batch_size: int) -> None:
+        """Raise BadInputError when the engine bounds its memory and one call over ``batch_size`` examples cannot fit."""
+        check = getattr(self.engine, "check_memory", None)
+        if check is not None:
+            check(batch_size)
+
+    def predicted_bytes(self, batch_size: int) -> int | None:
+        """The engine's predicted memory for one call over ``batch_size`` examples, where it predicts one."""
+        predict = getattr(self.engine, "predicted_bytes", None)
+        return None if predict is None else predict(batch_size)
 
     def seconds_per_example(self, x, y) -> float:
         """Seconds one example costs over every channel: the engine's own estimate where it has one, else one

@@ -13,8 +13,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from pipeline.curvature.engines import EngineChoice, choose_engine
-from pipeline.curvature.factored import DEFAULT_MEMORY_BUDGET, FactoredPass
+from pipeline.curvature.engines import DEFAULT_MEMORY_BUDGET, EngineChoice, choose_engine
+from pipeline.curvature.factored import FactoredPass
 from pipeline.curvature.layer import Derivatives, TensorCurvature, check_data, check_loss_value, float64_sum
 from pipeline.curvature.suffix import check_suffix, peeled_softmax
 from pipeline.curvature.target import Target, channel_slice
@@ -26,7 +26,8 @@ class NetworkCurvature:
     """The engines of ``targets`` (tensors of one model) for ``loss``, chosen and checked once.
 
     ``options``: the engines' settings (``chunk_size``, ``column_chunk``, ``probes``, ``samples``, ``seed``);
-    ``memory_budget``: bytes the shared pass may use (it refuses, before any compute, a plan that cannot fit).
+    ``memory_budget``: bytes the shared pass, and each separate engine's call, may use (the shared pass refuses, before
+    any compute, a plan that cannot fit; ``check_memory`` asks the separate engines for a batch size).
     """
 
     def __init__(self, model: keras.Model, targets: Sequence[Target], loss: Loss, *, engine: str = "auto",
@@ -45,8 +46,14 @@ class NetworkCurvature:
             self.shared = FactoredPass(loss, shared, peeled_softmax(model, loss) is not None,
                                        options.get("column_chunk", 16), memory_budget)
             self.shared.check_memory()
-        self.separate = {t.name: TensorCurvature(t, loss, engine=self.choices[t.name].name, **options)
+        self.separate = {t.name: TensorCurvature(t, loss, engine=self.choices[t.name].name, memory_budget=memory_budget,
+                                                 **options)
                          for t in targets if t.name not in self.shared_names}
+
+    def check_memory(self, batch_size: int) -> None:
+        """Raise BadInputError when a separate tensor's engine cannot fit one call over ``batch_size`` examples."""
+        for separate in self.separate.values():
+            separate.check_memory(batch_size)
 
     def engine_of(self, name: str):
         """The ``Engine`` flags of tensor ``name``."""

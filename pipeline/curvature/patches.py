@@ -82,7 +82,11 @@ def patch_column(patches, group, feature) -> tf.Tensor:
     """(N, S) patches (N, S, G, F) of one group and feature: an entry's z-direction within its channel."""
     if isinstance(patches, OneHotPatches):
         return patches.column(feature)
-    return tf.gather(tf.gather(patches, group, axis=2), feature, axis=2)
+    # One gather over the merged (group, feature) axis: vectorized over entries, gathering the group first
+    # would copy every example's patches per entry.
+    shape = tf.shape(patches)
+    merged = tf.reshape(patches, tf.concat([shape[:2], [shape[2] * shape[3]]], 0))
+    return tf.gather(merged, group * shape[3] + feature, axis=2)
 
 
 def contract(patches, dz: tf.Tensor) -> tf.Tensor:

@@ -8,6 +8,7 @@ piecewise linear", so the check can be wrong only by refusing, never by approxim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import keras
@@ -73,15 +74,26 @@ def check_suffix(target: Target, loss: Loss) -> SuffixCheck:
     return SuffixCheck(piecewise_linear=not offending, offending=tuple(offending), peel_softmax=softmax is not None)
 
 
-def suffix_operations(target: Target) -> list:
-    """The operations after the target (its containing layer, for a sublayer, first), nested models flattened."""
+def suffix_steps(target: Target) -> list:
+    """The graph steps after the target (its containing layer's first, for a sublayer), nested models flattened."""
     step = containing_step(target)
     steps, _, _ = flat_steps(target.model)
     downstream = set(step.outputs)
-    found = [] if step.operation is target.layer else [step.operation]
+    found = [] if step.operation is target.layer else [step]
     for other in steps[steps.index(step) + 1:]:
         if any(i in downstream for i in other.inputs):
             downstream.update(other.outputs)
             if other.operation is not None:
-                found.append(other.operation)
+                found.append(other)
     return found
+
+
+def suffix_operations(target: Target) -> list:
+    """The operations after the target (its containing layer, for a sublayer, first), nested models flattened."""
+    return [step.operation for step in suffix_steps(target)]
+
+
+def suffix_floats(target: Target) -> int:
+    """Entries per example of every output the operations after the target compute: the state one
+    product direction through the suffix carries, per example."""
+    return sum(math.prod(int(d) for d in output.shape[1:]) for step in suffix_steps(target) for output in step.node.outputs)

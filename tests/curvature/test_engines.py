@@ -215,3 +215,31 @@ def test_activation_named_softmax_that_is_not_keras_softmax_is_not_peeled():
 
     curvature = LayerCurvature(_softmax_head_mlp(softmax), "target", loss="sparse_categorical_crossentropy", engine="auto")
     assert curvature.choice.name == "exact" and "without a final softmax" in curvature.choice.reason
+
+
+def test_exact_engine_takes_fewer_directions_per_call_where_the_memory_budget_needs():
+    case = _case("cnn_gelu")
+    model = case.model()
+    x, y = case.data()
+    options = dict(loss=case.loss, from_logits=case.from_logits, engine="exact", chunk_size=64)
+    full = LayerCurvature(model, case.layer, **options)
+    budget = full.engine.memory.bytes(len(x), 5)
+    bounded = LayerCurvature(model, case.layer, memory_budget=budget, **options)
+    assert full.engine.directions_per_call(len(x)) == 64 and bounded.engine.directions_per_call(len(x)) == 5
+    assert bounded.predicted_bytes(len(x)) <= budget < full.predicted_bytes(len(x))
+    expected = full.compute(batches_of(x, y, len(x))).hessian_diagonal
+    found = bounded.compute(batches_of(x, y, len(x))).hessian_diagonal
+    np.testing.assert_allclose(found, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_exact_engine_refuses_a_batch_whose_one_product_cannot_fit():
+    case = _case("cnn_gelu")
+    options = dict(loss=case.loss, from_logits=case.from_logits, engine="exact")
+    one = LayerCurvature(case.model(), case.layer, **options).engine.memory.bytes(1, 1)
+    curvature = LayerCurvature(case.model(), case.layer, memory_budget=3 * one, **options)
+    curvature.check_memory(3)
+    with pytest.raises(BadInputError, match=r"for one Hessian-vector product over a batch of 4 examples .* data.batch_size 3 would fit"):
+        curvature.check_memory(4)
+    tiny = LayerCurvature(case.model(), case.layer, memory_budget=one // 2, **options)
+    with pytest.raises(BadInputError, match=r"needs compute.memory_gb of at least .* \(with data.batch_size 1\)"):
+        tiny.check_memory(1)
