@@ -127,8 +127,8 @@ def weight(layer: keras.layers.Layer, name: str, like: tf.Tensor, magnitude: boo
 class Stage:
     """One affine map of a layer: z = lin(u) + b, the weights it is affine in, and its adjoint in u.
 
-    Subclasses implement ``z``, ``patches``, and (for layers that may sit after a target)
-    ``linear`` (the map without its offset, with weights by magnitude on request).
+    Subclasses implement ``linear`` (the map without its offset, with weights by magnitude on request) and
+    ``patches``, and ``z`` where it is not that map plus the stage's bias weight.
     """
 
     channel_axes = 1
@@ -139,8 +139,10 @@ class Stage:
         self.weights = weights
 
     def z(self, u: tf.Tensor) -> tf.Tensor:
-        """The stage's output from its input ``u``, computed as the layer does."""
-        raise NotImplementedError
+        """The stage's output from its input ``u``, computed as the layer does: its map, plus its bias where the
+        stage has one as a weight (stages whose offset is no target weight override this)."""
+        z = self.linear(u)
+        return z + weight(self.layer, "bias", z) if "bias" in self.weights else z
 
     def linear(self, u: tf.Tensor, magnitude: bool = False) -> tf.Tensor:
         """The stage's map without its offset (by its weights' magnitudes when ``magnitude``)."""

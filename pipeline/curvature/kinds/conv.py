@@ -87,10 +87,6 @@ class ConvStage(_ConvLike):
         return tf.nn.convolution(padded, kernel, strides=list(self.layer.strides), padding=padding.upper(),
                                  dilations=list(self.layer.dilation_rate))
 
-    def z(self, u):
-        z = self.linear(u)
-        return z + weight(self.layer, "bias", z) if self.layer.use_bias else z
-
     def patches(self, weight_name, u):
         if weight_name == "bias":
             return self.bias_patches(u)
@@ -115,8 +111,7 @@ class DepthwiseStage(_ConvLike):
         rank = len(layer.kernel_size)
         weights = {kernel_name: TargetWeight(kernel_name, kernel, tuple(range(rank + 2)), rank, kernel[-2],
                                              (*_spatial_names(rank), "in_channel", "multiplier"))}
-        self.with_bias = with_bias and layer.use_bias
-        if self.with_bias:
+        if with_bias and layer.use_bias:
             weights["bias"] = bias_weight(layer)
         self.kernel_name = kernel_name
         super().__init__(layer, name, weights)
@@ -125,10 +120,6 @@ class DepthwiseStage(_ConvLike):
         layer = self.layer
         return keras.ops.depthwise_conv(u, weight(layer, self.kernel_name, u, magnitude), strides=layer.strides,
                                         padding=layer.padding, dilation_rate=layer.dilation_rate)
-
-    def z(self, u):
-        z = self.linear(u)
-        return z + weight(self.layer, "bias", z) if self.with_bias else z
 
     def patches(self, weight_name, u):
         if weight_name == "bias":
@@ -155,10 +146,6 @@ class PointwiseStage(Stage):
     def linear(self, u, magnitude=False):
         return keras.ops.conv(u, weight(self.layer, "pointwise_kernel", u, magnitude), strides=1, padding="valid")
 
-    def z(self, u):
-        z = self.linear(u)
-        return z + weight(self.layer, "bias", z) if self.layer.use_bias else z
-
     def patches(self, weight_name, u):
         flat = flatten_positions(u)
         if weight_name == "bias":
@@ -184,10 +171,6 @@ class ConvTransposeStage(_ConvLike):
         kernel = weight(layer, "kernel", u, magnitude) if kernel is None else kernel
         return keras.ops.conv_transpose(u, kernel, strides=list(layer.strides), padding=layer.padding,
                                         output_padding=layer.output_padding, dilation_rate=layer.dilation_rate)
-
-    def z(self, u):
-        z = self.linear(u)
-        return z + weight(self.layer, "bias", z) if self.layer.use_bias else z
 
     def patches(self, weight_name, u):
         if weight_name == "bias":

@@ -24,10 +24,6 @@ class DenseStage(Stage):
     def linear(self, u, magnitude=False):
         return tf.tensordot(u, weight(self.layer, "kernel", u, magnitude), axes=[[u.shape.rank - 1], [0]])
 
-    def z(self, u):
-        z = self.linear(u)
-        return z + weight(self.layer, "bias", z) if self.layer.use_bias else z
-
     def patches(self, weight_name, u):
         flat = flatten_positions(u)
         return ones_patches(flat) if weight_name == "bias" else flat[:, :, None, :]
