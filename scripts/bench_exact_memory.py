@@ -69,7 +69,17 @@ def gelu_block():
     return keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(h)))
 
 
-CASES = {"tanh_cnn": tanh_cnn, "tanh_sequence": tanh_sequence, "gelu_block": gelu_block}
+def cifar_vgg():
+    """The project's CIFAR-size VGG (ReLU, max-pooling): targets ``block1_conv2`` (entry method) and
+    ``block2_conv1`` (block method, 256 positions against 288 features)."""
+    from pipeline.model import build_model
+
+    return build_model("cifar_vgg", seed=0)
+
+
+CASES = {"tanh_cnn": (tanh_cnn, "target"), "tanh_sequence": (tanh_sequence, "target"),
+         "gelu_block": (gelu_block, "target"), "vgg_block1_conv2": (cifar_vgg, "block1_conv2"),
+         "vgg_block2_conv1": (cifar_vgg, "block2_conv1")}
 
 
 def child(case: str, precision: str, examples: int, directions: int) -> None:
@@ -82,8 +92,9 @@ def child(case: str, precision: str, examples: int, directions: int) -> None:
 
     configure_tensorflow(2)
     keras.utils.set_random_seed(0)
-    model = CASES[case]()
-    curvature = LayerCurvature(model, "target", loss="sparse_categorical_crossentropy", from_logits=True, engine="exact",
+    build, layer = CASES[case]
+    model = build()
+    curvature = LayerCurvature(model, layer, loss="sparse_categorical_crossentropy", from_logits=True, engine="exact",
                                chunk_size=directions, precision=precision, memory_budget=1 << 40)
     engine = curvature.engine
     rng = np.random.default_rng(0)
