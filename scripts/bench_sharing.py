@@ -20,6 +20,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 
+def cifar_vgg100_all(examples: int) -> tuple:
+    """(``cifar_vgg100`` seeded, ``examples`` normal-random images, random labels, its loss, every tensor), with
+    TensorFlow on every CPU."""
+    from pipeline.curvature.target import resolve_targets
+    from pipeline.losses import get_loss
+    from pipeline.model import build_model
+    from pipeline.worker import configure_tensorflow
+
+    configure_tensorflow(os.cpu_count())
+    model = build_model("cifar_vgg100", seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(examples, *model.inputs[0].shape[1:])).astype("float32")
+    y = rng.integers(0, 100, size=examples)
+    return model, x, y, get_loss("sparse_categorical_crossentropy", from_logits=True), resolve_targets(model, "all")
+
+
 def timed(network, batches, rounds: int) -> tuple[float, dict]:
     """Best seconds of ``network.shared_sums`` over ``rounds`` calls after a warm-up call, and its sums."""
     sums = network.shared_sums(batches[:1])
@@ -41,19 +57,9 @@ def main() -> None:
     import platform
 
     from pipeline.curvature.network import NetworkCurvature
-    from pipeline.curvature.target import resolve_targets
-    from pipeline.losses import get_loss
-    from pipeline.model import build_model
-    from pipeline.worker import configure_tensorflow
 
-    configure_tensorflow(os.cpu_count())
-    model = build_model("cifar_vgg100", seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.examples, *model.inputs[0].shape[1:])).astype("float32")
-    y = rng.integers(0, 100, size=args.examples)
+    model, x, y, loss, targets = cifar_vgg100_all(args.examples)
     batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, args.examples, args.batch)]
-    loss = get_loss("sparse_categorical_crossentropy", from_logits=True)
-    targets = resolve_targets(model, "all")
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; cifar_vgg100, {len(targets)} tensors,"
           f" {args.examples} examples in batches of {args.batch}")

@@ -6,16 +6,13 @@ H_loss = S Sᵀ per example. Back-propagating the C columns of S to z gives V_c,
     H_W[f, o] = Σ_{n, c} (Σ_s P[n, s, (o,) f] V_c[n, s, o])²
 
 with P the target's patches. The columns are back-propagated once per example block from the loss
-down to the lowest target (``columns.backward``), and each target's stage folds them as they pass,
-so every kernel and bias on the way shares one pass. Two savings, both exact:
+down to the lowest target (``columns.backward``), and each target's stage folds them as they pass
+(``folds``), so every kernel and bias on the way shares one pass. A kernel and its bias share their
+stage's fold (a bias's patches are ones).
 
-* Support: for a given example and channel, V_c vanishes at the same positions for every column c
-  (ReLU masks and max-pool routing do not depend on c); ones pushed back through |Jᵀ| find them
-  before any column.
-* Gram form: Σ_c (v_cᵀ P)² = Pᵀ (Σ_c v_c v_cᵀ) P, so with M = VᵀV on the A support positions the
-  diagonal is Σ_a P ⊙ (M P), costing A²(C + F) instead of the products' C·S·F over all S positions;
-  used where A < C and that is fewer (``gram_pays``). A kernel and its bias share their stage's M (a bias's
-  patches are ones).
+Where the loss has many classes, ones pushed back through |Jᵀ| first find each example's and channel's
+support: V_c vanishes at the same positions for every column c (ReLU masks and max-pool routing do not
+depend on c), which the Gram and support-product folds exploit, exactly.
 
 Columns stream in chunks: each chunk is folded in and dropped, so an example's C columns are never
 held at once; the loss gradient rides as one more column of the last chunk.
@@ -32,9 +29,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature.engines import DEFAULT_MEMORY_BUDGET
-from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward, support_positions
+from pipeline.curvature.columns import backward, site_key, stage_inputs, suffix_forward
+from pipeline.curvature.folds import SpareMemory, stage_fold
 from pipeline.curvature.graph import suffix_of
-from pipeline.curvature.patches import channel_patches, column_square_sums, contract, shared_by_channels
+from pipeline.curvature.patches import channel_patches, contract
 from pipeline.curvature.precision import as_float32, computing_in_float64
 from pipeline.curvature.problem import Problem, final_softmax
 from pipeline.curvature.target import Target
@@ -42,38 +40,6 @@ from pipeline.errors import BadInputError
 from pipeline.losses import Loss
 
 SPARSE_MIN_CLASSES = 64
-
-
-def dense_products(patches: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-    """(F, O) float64 sum over examples and columns of the squared weight gradients of ``columns`` (C, N, S, O)."""
-    return tf.cast(column_square_sums(patches, columns), tf.float64)
-
-
-def gathered_patches(patches: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
-    """(N, O, A, F) patches at each channel's support ``positions`` (N, O, A)."""
-    if patches.shape.rank == 3:
-        return tf.gather(patches, positions, batch_dims=1)
-    return tf.gather(tf.transpose(patches, (0, 2, 1, 3)), positions, batch_dims=2)
-
-
-def support_values(columns: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
-    """(N, O, C, A) entries of ``columns`` (C, N, S, O) at ``positions`` (N, O, A)."""
-    return tf.gather(tf.transpose(columns, (1, 3, 0, 2)), positions, axis=3, batch_dims=2)
-
-
-def gram_update(gram: tf.Tensor, columns: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """``gram`` (N, O, A, A) plus Σ_c v_c v_cᵀ over ``columns`` (C, N, S, O) on the support ``positions``,
-    and the number of nonzero column entries outside the support (0 unless the support is wrong)."""
-    values = support_values(columns, positions)
-    outside = tf.math.count_nonzero(columns) - tf.math.count_nonzero(values)
-    return gram + tf.einsum("noca,nocb->noab", values, values), outside
-
-
-def gram_products(patches: tf.Tensor, positions: tf.Tensor, gram: tf.Tensor) -> tf.Tensor:
-    """(F, O) float64 Σ_n Σ_a P ⊙ (M P) with the patches gathered at ``positions``: Σ_c (v_cᵀ P)²."""
-    gathered = gathered_patches(patches, positions)  # (N, O, A, F)
-    per_channel = tf.reduce_sum(gathered * tf.einsum("noab,nobf->noaf", gram, gathered), axis=(0, 2))
-    return tf.transpose(tf.cast(per_channel, tf.float64))
 
 
 @dataclass(frozen=True)
@@ -150,9 +116,6 @@ class FactoredPass:
         self._backward = tf.function(lambda forward, ids: backward(suffix, forward, ids))
         self._reach = tf.function(lambda forward: backward(suffix, forward, None, magnitude=True))
         self._patches = tf.function(self._stage_patches)
-        self._dense = tf.function(dense_products)
-        self._gram_update = tf.function(gram_update)
-        self._gram_products = tf.function(gram_products)
         self._gradient = tf.function(lambda patches, dz: tf.cast(contract(patches, dz), tf.float64))
 
     @property
@@ -181,8 +144,9 @@ class FactoredPass:
 
     def bytes_per_example(self) -> int:
         """Memory one example needs: the forward pass's kept state (more with float64 decisions), a column chunk
-        and the patches. Gram matrices and product calls share what the budget leaves (``SpareMemory``): a stage
-        whose Gram matrices would not fit folds its columns by products instead, which need no more."""
+        and the patches. What folds keep (Gram matrices, gathered patches) and product calls share what the budget
+        leaves (``SpareMemory``): a stage whose kept state would not fit folds its columns by products instead, which
+        need no more."""
         activations = sum(self._activation_sizes())
         patches = sum(t.patch_floats(s.width) for s in self.stages for t in s.targets)
         kept = (3 if self.decisions == "float64" else 2) * activations
@@ -202,22 +166,19 @@ class FactoredPass:
                             f" {self.memory_budget / 2**30:.3g}; {hint}")
 
     def example_chunk(self) -> int:
-        """Examples per forward pass so that kept state, a column chunk at every step and the Gram matrices fit."""
+        """Examples per forward pass so that kept state, a column chunk at every step and the patches fit."""
         return max(1, self.memory_budget // self.bytes_per_example())
 
     def predicted_bytes(self, examples: int) -> int:
-        """Predicted memory of a batch of ``examples`` examples: its largest example chunk's (Gram matrices aside)."""
+        """Predicted memory of a batch of ``examples`` examples: its largest example chunk's (what folds keep aside)."""
         return min(examples, self.example_chunk()) * self.bytes_per_example()
 
-    def _channel_width(self, stage: StageTargets, examples: int, support: int, available: int) -> int:
-        """Channels per product call whose weight gradients of a chunk (or gathered patches), and their squares, fit
-        ``available`` bytes; at least one."""
-        features = max(t.product_features for t in stage.targets)
-        per_channel = 4 * examples * features * (2 * support if support else self.column_chunk)
-        return max(1, min(stage.width, available // (2 * per_channel)))
-
-    def _spare(self, examples: int) -> "SpareMemory":
-        return SpareMemory(max(0, self.memory_budget - examples * self.bytes_per_example()))
+    def _folds(self, patches: dict, reach: dict, examples: int) -> dict:
+        """Each stage's fold of ``examples`` examples, drawing on the memory the budget leaves beyond them."""
+        spare = SpareMemory(max(0, self.memory_budget - examples * self.bytes_per_example()))
+        return {stage.key: stage_fold(stage, patches, reach.get(stage.key), examples, spare, self.factor_width,
+                                      self.column_chunk)
+                for stage in self.stages}
 
     def _column_chunks(self) -> list[tf.Tensor]:
         """Column ids in chunks of ``column_chunk``: every factor column, then the loss gradient (id K + 1); the
@@ -243,8 +204,7 @@ class FactoredPass:
         forward = self._forward(x, y)
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
-        spare = self._spare(1)
-        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), 1, spare) for stage in self.stages}
+        folds = self._folds(patches, reach, 1)
         setup = time.perf_counter() - started
         timed = chunks[:max(1, min(timed_chunks, len(chunks)))]
         started = time.perf_counter()
@@ -274,9 +234,7 @@ class FactoredPass:
         forward = self._forward(tf.constant(x), tf.constant(y))
         patches = self._patches(forward)
         reach = self._reach(forward) if self.sparse else {}
-        examples = len(x)
-        spare = self._spare(examples)
-        folds = {stage.key: StageFold(self, stage, patches, reach.get(stage.key), examples, spare) for stage in self.stages}
+        folds = self._folds(patches, reach, len(x))
         chunks = self._column_chunks()
         at = self.factor_width % self.column_chunk  # the gradient column's place in the last chunk
         gradients: dict[str, np.ndarray] = {}
@@ -298,93 +256,9 @@ class FactoredPass:
         return sums, float(forward.loss)
 
 
-class SpareMemory:
-    """The bytes a pass has beyond its examples' needs (``bytes_per_example``): half for Gram matrices, which live
-    through the pass and which the stages draw in turn, half for the one product call that runs at a time."""
-
-    def __init__(self, spare: int):
-        self.grams = spare // 2
-        self.products = spare - self.grams
-
-    def take_gram(self, nbytes: int) -> bool:
-        """Reserve ``nbytes`` for Gram matrices if they fit what is left."""
-        if nbytes > self.grams:
-            return False
-        self.grams -= nbytes
-        return True
-
-
-def gram_pays(support: int, stage: StageTargets, columns: int) -> bool:
-    """Whether Gram matrices pay for a stage whose support has A = ``support`` positions: A below the C ``columns``,
-    and their A²(C + ΣF) operations per example and channel fewer than the products' C·S·ΣF over all S positions
-    (ΣF the stage's targets' features). A bias alone (one feature) never pays. The first condition stands for what
-    counting operations misses: the Gram form's gathers and small products ran about 5 times slower per operation
-    here, so a support only a little smaller than S (VGG's pooled 32x32 layers) is faster by the products."""
-    features = sum(t.features for t in stage.targets)
-    return support < columns and support**2 * (columns + features) < columns * stage.targets[0].positions * features
-
-
-class StageFold:
-    """One stage's running sums of squared weight gradients over column chunks: per-channel Gram matrices on
-    the support when it is narrower than the factor's width and they fit the ``spare`` memory, else the products
-    themselves."""
-
-    def __init__(self, owner: FactoredPass, stage: StageTargets, patches: dict, reach, examples: int, spare: SpareMemory):
-        self.owner, self.stage, self.patches = owner, stage, patches
-        self.positions = None
-        if reach is not None and not any(t.weight.one_hot for t in stage.targets):  # Gram forms need dense patches
-            active = tf.transpose(stage.targets[0].flat_columns(reach)[0][..., stage.z_channels] > 0, (0, 2, 1))
-            positions = support_positions(active)
-            support = int(positions.shape[-1])
-            gram_bytes = 4 * examples * stage.width * support * support
-            if gram_pays(support, stage, owner.factor_width) and spare.take_gram(gram_bytes):
-                self.positions = positions
-        support = 0 if self.positions is None else int(self.positions.shape[-1])
-        self.width = owner._channel_width(stage, examples, support, spare.products)
-        self.gram = None if self.positions is None else tf.zeros((*self.positions.shape, support), tf.float32)
-        self.sums = {t.name: None for t in stage.targets}
-
-    def add(self, columns: tf.Tensor) -> None:
-        owner = self.owner
-        if self.positions is not None:
-            self.gram, outside = owner._gram_update(self.gram, columns, self.positions)
-            if int(outside):
-                raise RuntimeError(f"{int(outside)} factor-column entries lie outside their computed support")
-            return
-        for target in self.stage.targets:
-            self.sums[target.name] = _by_channels(
-                lambda o, end: owner._dense(_channels(self.patches[target.name], o, end), columns[..., o:end]),
-                self.stage.width, self.width, self.sums[target.name])
-
-    def result(self) -> dict[str, np.ndarray]:
-        if self.positions is None:
-            return self.sums
-        owner = self.owner
-        return {t.name: _by_channels(lambda o, end: owner._gram_products(_channels(self.patches[t.name], o, end),
-                                                                          self.positions[:, o:end], self.gram[:, o:end]),
-                                     self.stage.width, self.width)
-                for t in self.stage.targets}
-
-
 def _in_dtype(x: tf.Tensor, dtype) -> tf.Tensor:
     """Floating inputs in ``dtype``; integer ones (tokens) as they are."""
     return tf.cast(x, dtype) if x.dtype.is_floating else x
-
-
-def _channels(patches: tf.Tensor, start: int, stop: int) -> tf.Tensor:
-    """Channel patches of z channels start:stop (shared patches serve every channel)."""
-    return patches if shared_by_channels(patches) else patches[:, :, start:stop]
-
-
-def _by_channels(products, channels: int, width: int, into: np.ndarray | None = None) -> np.ndarray:
-    """(F, channels) ``products(o, end)`` of channels o:end, ``width`` at a time, added to ``into`` in place when
-    given (so no call's result is copied again)."""
-    for o in range(0, channels, width):
-        part = products(o, min(o + width, channels)).numpy()
-        if into is None:
-            into = np.zeros((part.shape[0], channels), part.dtype)
-        into[:, o:o + part.shape[1]] += part
-    return into
 
 
 class FactoredEngine:

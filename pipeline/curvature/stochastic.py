@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from pipeline.curvature.autodiff import hvp
 from pipeline.curvature.columns import factor_columns
-from pipeline.curvature.factored import dense_products
+from pipeline.curvature.folds import dense_products
 from pipeline.curvature.patches import channel_patches, contract, expand
 from pipeline.curvature.problem import Problem
 

@@ -8,7 +8,9 @@ import tensorflow as tf
 
 from pipeline.curvature import LayerCurvature
 from pipeline.curvature.columns import backward, factor_columns, site_key, support_positions
-from pipeline.curvature.factored import FactoredPass, dense_products, gram_products, gram_update
+from pipeline.curvature.factored import FactoredPass
+from pipeline.curvature.folds import (SupportProductFold, dense_products, gathered_patches, gram_products, gram_update, on_support,
+                                      support_products)
 from pipeline.curvature.network import NetworkCurvature
 from pipeline.curvature.problem import Problem
 from pipeline.curvature.target import resolve_targets
@@ -32,21 +34,26 @@ def _sums_of_squares(patches, columns):
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["shared_patches", "per_channel_patches"])
-def test_streamed_gram_and_dense_products_equal_sums_of_squares(grouped):
+def test_streamed_gram_support_and_dense_products_equal_sums_of_squares(grouped):
     rng = np.random.default_rng(1)
     patches = rng.normal(size=(3, 20, 4, 7) if grouped else (3, 20, 7)).astype("float32")
     columns = _columns_with_shared_support(rng, 90, 3, 20, 4)
     expected = _sums_of_squares(patches, columns)
     np.testing.assert_allclose(dense_products(tf.constant(patches), tf.constant(columns)).numpy(), expected, rtol=2e-5, atol=1e-6)
     positions = support_positions(tf.transpose(tf.reduce_any(columns != 0, axis=0), (0, 2, 1)))
+    gathered = gathered_patches(tf.constant(patches), positions)
     gram = tf.zeros((*positions.shape, positions.shape[-1]))
+    by_support = 0
     for chunk in np.array_split(columns, 4):  # streamed in column chunks
-        gram, outside = gram_update(gram, tf.constant(chunk), positions)
+        values, outside = on_support(tf.constant(chunk), positions)
         assert int(outside) == 0
+        gram = gram_update(gram, values)
+        by_support += support_products(values, gathered).numpy()
     np.testing.assert_allclose(gram_products(tf.constant(patches), positions, gram).numpy(), expected, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(by_support, expected, rtol=2e-5, atol=1e-6)
 
     narrower = positions[..., 1:]  # drops an active position of some (example, channel)
-    _, outside = gram_update(tf.zeros((*narrower.shape, narrower.shape[-1])), tf.constant(columns), narrower)
+    _, outside = on_support(tf.constant(columns), narrower)
     assert int(outside) > 0
 
 
@@ -188,5 +195,33 @@ def test_the_support_survives_magnitudes_that_overflow_float32():
     sums = network.shared_sums([(x, y)])[targets[0].name]
     expected = reference(case)
     assert np.abs(expected.hessian_diagonal).max() > 0
+    assert_close(sums.gradient / len(x), expected.gradient, 1e-5, "gradient", expected.smooth)
+    assert_close(sums.hessian_diagonal / len(x), expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
+
+
+def _wide_conv_before_pool():
+    """A convolution of 216 features per channel before a 2x2 max pool, and 65 classes: a support of a quarter of the
+    positions, no narrower than the factor's 64 columns, so the columns fold by products on the support."""
+    L = keras.layers
+    inp = keras.Input((16, 16, 24))
+    h = L.MaxPooling2D()(L.Conv2D(2, 3, padding="same", activation="relu", name="target")(inp))
+    return keras.Model(inp, L.Dense(65)(L.Flatten()(h)))
+
+
+@pytest.mark.parametrize("weight", ["kernel", "bias"])
+def test_support_products_match_loss_values(weight):
+    case = Case("wide_conv_before_pool", _wide_conv_before_pool, "target", "sparse_categorical_crossentropy", True, True,
+                (16, 16, 24), 65, weight=weight)
+    model = case.model()
+    loss = get_loss(case.loss, case.from_logits)
+    targets = [t for t in resolve_targets(model, "all") if t.layer.name == "target"]
+    network = NetworkCurvature(model, targets, loss, column_chunk=24)
+    x, y = case.data(4, 0)
+    shared = network.shared
+    forward = shared._forward(tf.constant(x), tf.constant(y))
+    folds = shared._folds(shared._patches(forward), shared._reach(forward), len(x))
+    assert [type(fold) for fold in folds.values()] == [SupportProductFold]
+    sums = network.shared_sums([(x, y)])[f"target/{weight}"]
+    expected = reference(case, n=4)
     assert_close(sums.gradient / len(x), expected.gradient, 1e-5, "gradient", expected.smooth)
     assert_close(sums.hessian_diagonal / len(x), expected.hessian_diagonal, 1e-5, "diagonal", expected.smooth)
