@@ -141,7 +141,7 @@ def main() -> None:
     for case in args.cases:
         for precision in ("float32", "float64"):
             peaks = {(n, k): measure(case, precision, n, k) for n in EXAMPLES for k in DIRECTIONS}
-            (n0, n1), (k0, k1) = EXAMPLES, DIRECTIONS
+            (_, n1), (k0, k1) = EXAMPLES, DIRECTIONS
             unit = peaks[(n1, k1)]["unit"]
             for (n, k), found in peaks.items():
                 growth = ""

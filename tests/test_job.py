@@ -8,7 +8,6 @@ from pipeline.coordinator import run
 from pipeline.errors import BadInputError
 from pipeline.job import Job
 from pipeline.model import build_model
-from pipeline.store import ResultStore
 from tests.stores import assert_same_results
 from tests.conftest import FINISHED, tiny_config
 
