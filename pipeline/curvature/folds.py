@@ -7,7 +7,7 @@ cheapest somewhere:
 * Gram (``GramFold``): with M = Σ_c v_c v_cᵀ on the A support positions (where the columns can be nonzero, the same
   for every column: ReLU masks and max-pool routing do not depend on c), Σ_a P ⊙ (M P) once at the end,
   A²(C + F), for supports narrower than the factor's width;
-* support products (``SupportFold``): each column's weight gradients from its values on the support and each
+* support products (``SupportProductFold``): each column's weight gradients from its values on the support and each
   channel's patches gathered there once, C·A·F, for supports that are a small part of S (convolutions before a
   max pool) but no narrower than the factor's width.
 
@@ -143,7 +143,7 @@ class ProductFold:
         return self.sums
 
 
-class SupportFold:
+class OnSupport:
     """The columns' values at each channel's support, checked to hold every nonzero entry."""
 
     def __init__(self, positions: tf.Tensor):
@@ -156,7 +156,7 @@ class SupportFold:
         return values
 
 
-class GramFold(SupportFold):
+class GramFold(OnSupport):
     """Per-channel Gram matrices of the columns on the support, met with the gathered patches at the end."""
 
     def __init__(self, stage, patches: dict, positions: tf.Tensor, examples: int, spare: SpareMemory):
@@ -177,7 +177,7 @@ class GramFold(SupportFold):
                 for t in self.stage.targets}
 
 
-class SupportProductFold(SupportFold):
+class SupportProductFold(OnSupport):
     """Per-column weight gradients from the columns' values on the support and the patches gathered there once."""
 
     def __init__(self, stage, patches: dict, positions: tf.Tensor):
