@@ -61,7 +61,7 @@ def main() -> None:
     captured = shared._backward(forward, shared._column_chunks()[0])
     chosen = shared._folds(patches, reach, args.examples)
     chunks = len(shared._column_chunks())
-    graph_values = tf.function(folds.support_values.python_function)
+    graph_values = tf.function(folds.support_values)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; cifar_vgg100, {args.examples} examples,"
           f" {chunks} chunks of {args.column_chunk} columns; ms per chunk, then s per example chunk by form")

@@ -38,10 +38,10 @@ def gathered_patches(patches: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
     return tf.gather(tf.transpose(patches, (0, 2, 1, 3)), positions, batch_dims=2)
 
 
-@tf.function(jit_compile=True)
 def support_values(columns: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
-    """(N, O, C, A) entries of ``columns`` (C, N, S, O) at ``positions`` (N, O, A). Compiled by XLA, which gathers
-    them without first transposing every column (about 4 times faster here, ``scripts/bench_folds.py``)."""
+    """(N, O, C, A) entries of ``columns`` (C, N, S, O) at ``positions`` (N, O, A). Run compiled by XLA
+    (``_support_values``), which gathers them without first transposing every column (about 4 times faster here,
+    ``scripts/bench_folds.py``)."""
     return tf.gather(tf.transpose(columns, (1, 3, 0, 2)), positions, axis=3, batch_dims=2)
 
 
@@ -54,7 +54,7 @@ def nonzero_entries(x: tf.Tensor) -> tf.Tensor:
 def on_support(columns: tf.Tensor, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """The (N, O, C, A) values of ``columns`` (C, N, S, O) at the support ``positions`` (N, O, A), and the number of
     nonzero column entries outside it (0 unless the support is wrong)."""
-    values = support_values(columns, positions)
+    values = _support_values(columns, positions)
     return values, nonzero_entries(columns) - nonzero_entries(values)
 
 
@@ -76,6 +76,7 @@ def support_products(values: tf.Tensor, gathered: tf.Tensor) -> tf.Tensor:
     return tf.transpose(tf.cast(tf.reduce_sum(tf.square(tf.linalg.matmul(values, gathered)), axis=(0, 2)), tf.float64))
 
 
+_support_values = tf.function(support_values, jit_compile=True)
 _dense_products = tf.function(dense_products)
 _gathered_patches = tf.function(gathered_patches, jit_compile=True)
 _on_support = tf.function(on_support)
